@@ -1,0 +1,55 @@
+# Two commands do all set-up: `make repro` and `make test` (both create .venv when missing).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The install is redone when pyproject.toml changes: the stamp's name carries its hash.
+STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
+MNIST_DIR ?=
+PYTEST_ARGS ?=
+UI_HOST ?= 127.0.0.1
+UI_PORT ?= 5000
+SWEEP_ARGS ?=
+
+.PHONY: setup repro test test-fast ui sweep bench params clean-stale
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+# MNIST_DIR=/dir points the `mnist-source` DVC remote at a local mirror (git-ignored .dvc/config.local).
+repro: setup
+ifneq ($(MNIST_DIR),)
+	$(BIN)/dvc remote modify --local mnist-source url "$(abspath $(MNIST_DIR))"
+endif
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
+
+test: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The MLflow UI over the project's store, on loopback unless UI_HOST says otherwise.
+ui: setup
+	$(BIN)/mlflow ui --backend-store-uri "sqlite:///$(abspath mlruns)/mlflow.db" \
+	  --default-artifact-root "$(abspath mlruns)/artifacts" --host $(UI_HOST) --port $(UI_PORT)
+
+sweep: setup
+	$(BIN)/mnistlab-train sweep=optimizers $(SWEEP_ARGS)
+
+bench: setup
+	$(BIN)/python benchmarks/epoch_speed.py
+	$(BIN)/python benchmarks/sweep_speed.py
+
+# Regenerates params.yaml (the composed conf/ that `dvc repro` reads) after editing conf/.
+params: setup
+	$(BIN)/python -m mnistlab.params
+
+clean-stale: setup
+	$(BIN)/mnistlab-runs clean-stale

@@ -1,0 +1,64 @@
+"""Lightning callbacks no library provides: a non-finite-loss guard and the per-epoch history."""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import torch
+
+CURVE_KEYS = ("train/loss", "train/acc", "val/loss", "val/acc")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced NaN/inf loss; the run is marked FAILED."""
+
+
+class FiniteLossGuard(pl.Callback):
+    """Stops with a clear error when the training loss is NaN/inf.
+
+    Lightning's EarlyStopping(check_finite) only stops quietly on a validation metric; a diverged
+    lr (a common sweep outcome) should fail fast and visibly. Checked every N steps to avoid a
+    device sync per step.
+    """
+
+    def __init__(self, check_every_n_steps: int = 50):
+        self.every = check_every_n_steps
+
+    def _fail(self, trainer, value) -> None:
+        opt = trainer.lightning_module.hparams.get("optimizer", {})
+        raise NonFiniteLossError(
+            f"Training loss became {value} at epoch {trainer.current_epoch}, step {trainer.global_step} "
+            f"(optimizer {opt.get('name')}, lr={opt.get('lr')}): the run diverged. Lower optimizer.lr "
+            f"or set trainer.gradient_clip_val."
+        )
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx % self.every == 0:
+            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            if not bool(torch.isfinite(loss)):
+                self._fail(trainer, float(loss))
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        loss = trainer.callback_metrics.get("train/loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self._fail(trainer, float(loss))
+
+
+class EpochHistory(pl.Callback):
+    """One row per finished epoch of train/val loss and accuracy (for curves.csv and curves.png)."""
+
+    def __init__(self):
+        self.rows: list[dict[str, float]] = []
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        m = trainer.callback_metrics
+        row = {"epoch": trainer.current_epoch + 1}
+        row.update({k: float(m[k]) for k in CURVE_KEYS if k in m})
+        self.rows.append(row)
+
+    def state_dict(self):
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state_dict):
+        self.rows = list(state_dict.get("rows", []))

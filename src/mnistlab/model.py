@@ -1,0 +1,112 @@
+"""The book's MLP as a LightningModule: cross-entropy on logits, torchmetrics accuracy per split and per class."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torchmetrics import MaxMetric, MeanMetric
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+
+_ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU}
+
+
+def build_mlp(input_size: int, hidden_sizes: list[int], num_classes: int, activation: str, dropout: float) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    width = input_size
+    for h in hidden_sizes:
+        layers += [nn.Linear(width, h), _ACTIVATIONS[activation]()]
+        if dropout > 0:
+            layers.append(nn.Dropout(dropout))
+        width = h
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+class MnistMLP(pl.LightningModule):
+    """Dense(hidden, act) ... -> Dense(num_classes); the softmax lives in the loss."""
+
+    def __init__(self, model: dict[str, Any], optimizer: dict[str, Any]):
+        super().__init__()
+        # Plain dicts: Lightning 2.6 loads checkpoints with weights_only=True, which rejects DictConfig.
+        self.save_hyperparameters({"model": dict(model), "optimizer": dict(optimizer)}, logger=False)
+        self.net = build_mlp(
+            model["input_size"], list(model["hidden_sizes"]), model["num_classes"], model["activation"], model["dropout"]
+        )
+        n = model["num_classes"]
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.train_acc = MulticlassAccuracy(num_classes=n, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes=n, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes=n, average="micro")
+        self.test_acc_per_class = MulticlassAccuracy(num_classes=n, average=None)
+        self.test_confusion = MulticlassConfusionMatrix(num_classes=n)
+        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
+        self.val_acc_best = MaxMetric()
+        self.test_predictions: torch.Tensor | None = None
+        self.samples_seen = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.flatten(1))
+
+    def on_train_start(self) -> None:
+        self.val_acc_best.reset()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        loss = self.loss_fn(logits, y)
+        self.samples_seen += y.shape[0]
+        self.train_loss.update(loss)
+        self.train_acc.update(logits, y)
+        self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
+        # Metric objects: Lightning computes and resets them at epoch end, before callbacks read them.
+        self.log("train/loss", self.train_loss, on_step=False, on_epoch=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def _eval_step(self, batch, loss_metric, acc_metric):
+        x, y = batch
+        logits = self(x)
+        loss_metric.update(self.loss_fn(logits, y), weight=y.shape[0])
+        acc_metric.update(logits, y)
+        return logits, y
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, self.val_loss, self.val_acc)
+
+    def on_validation_epoch_end(self) -> None:
+        acc = self.val_acc.compute()
+        self.log("val/loss", self.val_loss.compute())
+        self.log("val/acc", acc, prog_bar=True)
+        if not self.trainer.sanity_checking:
+            self.val_acc_best.update(acc)
+            self.log("val/acc_best", self.val_acc_best.compute())
+        self.val_loss.reset()
+        self.val_acc.reset()
+
+    def on_test_epoch_start(self) -> None:
+        self._test_preds: list[torch.Tensor] = []
+
+    def test_step(self, batch, batch_idx):
+        logits, y = self._eval_step(batch, self.test_loss, self.test_acc)
+        self.test_acc_per_class.update(logits, y)
+        self.test_confusion.update(logits, y)
+        self._test_preds.append(logits.argmax(dim=1))
+
+    def on_test_epoch_end(self) -> None:
+        self.log("test/loss", self.test_loss.compute())
+        self.log("test/acc", self.test_acc.compute())
+        for digit, acc in enumerate(self.test_acc_per_class.compute()):
+            self.log(f"test/acc_class_{digit}", acc)
+        self.test_predictions = torch.cat(self._test_preds).cpu()
+        self.test_loss.reset()
+        self.test_acc.reset()
+        self.test_acc_per_class.reset()
+
+    def configure_optimizers(self):
+        opt_cfg = {k: v for k, v in self.hparams["optimizer"].items() if k != "name"}
+        make_optimizer = hydra.utils.instantiate(opt_cfg)
+        return make_optimizer(params=self.parameters())

@@ -1,0 +1,36 @@
+"""Where the project lives, so every process (Hydra job, DVC temp experiment, subprocess) agrees."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+# DVC runs queued/temp experiments in a copy under this folder of the workspace.
+_DVC_EXP_TMP = os.sep + os.path.join(".dvc", "tmp", "exps") + os.sep
+
+
+def project_root(start: Path | None = None) -> Path:
+    """The nearest folder up from `start` (default: cwd) holding dvc.yaml and conf/; else `start`."""
+    start = Path(start or Path.cwd()).resolve()
+    for folder in (start, *start.parents):
+        if (folder / "dvc.yaml").is_file() and (folder / "conf").is_dir():
+            return folder
+    return start
+
+
+def workspace_root(start: Path | None = None) -> Path:
+    """Like project_root, but a DVC temp-experiment copy maps back to the workspace that owns it."""
+    if os.environ.get("MNISTLAB_ROOT"):
+        return Path(os.environ["MNISTLAB_ROOT"]).resolve()
+    root = project_root(start)
+    text = str(root) + os.sep
+    if _DVC_EXP_TMP in text:
+        return Path(text.split(_DVC_EXP_TMP)[0])
+    return root
+
+
+def resolve(path: str | os.PathLike, root: Path) -> Path:
+    """An absolute path: `path` itself if absolute, else relative to `root`."""
+    p = Path(os.path.expanduser(str(path)))
+    return p if p.is_absolute() else (root / p)

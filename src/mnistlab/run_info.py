@@ -1,0 +1,65 @@
+"""Facts a run records about where it came from: git state, environment, a readable name from its overrides."""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+# Overrides that say where a run writes or how it logs, not what it trains: left out of run names.
+_NAME_SKIP_PREFIXES = ("paths.", "logger", "hydra", "launcher", "callbacks.rich", "trainer.enable_progress_bar")
+_NAME_CORE_KEYS = ("optimizer", "optimizer.lr", "data.batch_size")
+
+
+def git_state(root: Path) -> tuple[str, bool]:
+    """(commit, dirty); ("unknown", False) outside a git checkout."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        return commit, bool(dirty)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown", False
+
+
+def device_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def environment_tags() -> dict[str, str]:
+    import lightning
+    import mlflow
+    import torch
+
+    import psutil
+
+    return {
+        "mnistlab.host": socket.gethostname(),
+        "mnistlab.pid": str(os.getpid()),
+        "mnistlab.proc_start": f"{psutil.Process().create_time():.3f}",
+        "mnistlab.command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:5000],
+        "mlflow.source.name": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:500],
+        "version.torch": torch.__version__,
+        "version.lightning": lightning.__version__,
+        "version.mlflow": mlflow.__version__,
+        "version.python": platform.python_version(),
+    }
+
+
+def run_name(optimizer: str, lr: float, batch_size: int, overrides: list[str]) -> str:
+    """e.g. 'rmsprop lr=0.001 bs=128 seed=3': the core of the study, then any other override that changes training."""
+    extra = []
+    for o in overrides:
+        key = o.split("=", 1)[0].lstrip("+~")
+        if key in _NAME_CORE_KEYS or key.startswith(_NAME_SKIP_PREFIXES):
+            continue
+        extra.append(o.lstrip("+~").replace("trainer.", "").replace("data.", "").replace("optimizer.", ""))
+    return " ".join([f"{optimizer} lr={lr:g} bs={batch_size}", *extra])

@@ -1,0 +1,69 @@
+"""The figures a run logs: learning curves, test confusion matrix, a grid of misclassified test digits."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torchvision.utils import make_grid  # noqa: E402
+
+
+def curves_figure(rows: list[dict[str, float]], title: str = ""):
+    """Loss and accuracy per epoch, train vs val."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    epochs = [r["epoch"] for r in rows]
+    for ax, metric in zip(axes, ("loss", "acc")):
+        for split, style in (("train", "-o"), ("val", "--s")):
+            key = f"{split}/{metric}"
+            ax.plot(epochs, [r.get(key, np.nan) for r in rows], style, label=split)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def confusion_figure(matrix: np.ndarray, title: str = "test confusion matrix"):
+    fig, ax = plt.subplots(figsize=(6, 5.5))
+    im = ax.imshow(matrix, cmap="Blues")
+    n = matrix.shape[0]
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=7,
+                    color="white" if matrix[i, j] > matrix.max() / 2 else "black")
+    ax.set_xticks(range(n))
+    ax.set_yticks(range(n))
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    return fig
+
+
+def misclassified_figure(images: torch.Tensor, predicted: torch.Tensor, true: torch.Tensor, max_images: int = 64):
+    """A grid (torchvision make_grid) of wrong test digits, each captioned predicted/true."""
+    wrong = (predicted != true).nonzero().flatten()[:max_images]
+    nrow = 8
+    fig, ax = plt.subplots(figsize=(8, 8))
+    ax.axis("off")
+    if wrong.numel() == 0:
+        ax.set_title("no misclassified test digits")
+        return fig
+    imgs = images[wrong].reshape(-1, 1, 28, 28).float().cpu()
+    pad = 2
+    grid = make_grid(imgs, nrow=nrow, padding=pad, pad_value=1.0)
+    ax.imshow(grid[0].numpy(), cmap="gray_r")
+    cell = 28 + pad
+    for k, idx in enumerate(wrong.tolist()):
+        r, c = divmod(k, nrow)
+        ax.text(c * cell + pad, r * cell + pad + 6, f"{int(predicted[idx])}/{int(true[idx])}",
+                color="red", fontsize=8, fontweight="bold")
+    ax.set_title(f"misclassified test digits (predicted/true), {wrong.numel()} shown")
+    fig.tight_layout()
+    return fig

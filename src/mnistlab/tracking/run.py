@@ -1,0 +1,177 @@
+"""One MLflow run's lifecycle: created with its tags, fed by Lightning's MLFlowLogger, always ended with a status.
+
+The run, not the logger, owns the status: MLFlowLogger.finalize marks a run FINISHED when fit ends, before
+test and artifacts; here the run ends FINISHED only after everything is logged, FAILED with the error on an
+exception, KILLED on Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import signal
+import traceback
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+PARENT_TAG = "mlflow.parentRunId"
+ERROR_TAG = "mnistlab.error"
+NOTE_TAG = "mlflow.note.content"
+PID_TAG = "mnistlab.pid"
+HOST_TAG = "mnistlab.host"
+PROC_START_TAG = "mnistlab.proc_start"
+MAX_TAG_CHARS = 5000
+
+
+class RunOwnedMLFlowLogger(MLFlowLogger):
+    """MLFlowLogger writing into a run it did not create; finalize() flushes but leaves the status alone."""
+
+    def finalize(self, status: str = "success") -> None:
+        flush_async()
+
+
+def flush_async() -> None:
+    import mlflow
+
+    mlflow.flush_async_logging()
+
+
+class _ExceptionRecorder(pl.Callback):
+    """Keeps the exception Lightning saw: it turns Ctrl-C into SystemExit(1) before we get it."""
+
+    def __init__(self, run: "TrackedRun"):
+        self.run = run
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self.run.seen_exception = exception
+
+
+def status_for(exc: BaseException | None, seen: BaseException | None) -> str:
+    """MLflow status for how a run ended: FINISHED, KILLED (interrupt/SIGTERM) or FAILED."""
+    if exc is None:
+        return "FINISHED"
+    for e in (exc, seen):
+        if isinstance(e, (KeyboardInterrupt, SIGTERMException)):
+            return "KILLED"
+    if isinstance(exc, SystemExit) and exc.code in (0, None):
+        return "FINISHED"
+    return "FAILED"
+
+
+class TrackedRun:
+    """Context manager around one MLflow run (a single training or one sweep trial)."""
+
+    def __init__(self, tracking_uri: str, experiment_id: str, run_name: str, tags: dict[str, str], synchronous: bool):
+        import mlflow
+        from mlflow import MlflowClient
+
+        self.tracking_uri, self.experiment_id, self.run_name = tracking_uri, experiment_id, run_name
+        self.tags, self.synchronous = tags, synchronous
+        mlflow.set_tracking_uri(tracking_uri)
+        self.client = MlflowClient(tracking_uri)
+        self.run_id: str | None = None
+        self.status: str | None = None
+        self.seen_exception: BaseException | None = None
+
+    def __enter__(self) -> "TrackedRun":
+        run = self.client.create_run(self.experiment_id, run_name=self.run_name, tags=self.tags)
+        self.run_id = run.info.run_id
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        # Lightning ignores further Ctrl-C while it shuts down; give the user their Ctrl-C back.
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        self.status = status_for(exc, self.seen_exception)
+        if exc is not None:
+            try:
+                exc.mlflow_run_id = self.run_id
+            except AttributeError:
+                pass
+        try:
+            flush_async()
+            if self.status != "FINISHED":
+                cause = self.seen_exception if isinstance(exc, SystemExit) and self.seen_exception else exc
+                message = f"{type(cause).__name__}: {cause}"[:MAX_TAG_CHARS]
+                self.client.set_tag(self.run_id, ERROR_TAG, message)
+                self.client.set_tag(self.run_id, NOTE_TAG, f"**{self.status}**: {message}")
+                text = "".join(traceback.format_exception(type(cause), cause, cause.__traceback__))
+                self.client.log_text(self.run_id, text, "error.txt")
+        finally:
+            self.client.set_terminated(self.run_id, self.status)
+        return False
+
+    def logger(self) -> RunOwnedMLFlowLogger:
+        return RunOwnedMLFlowLogger(run_id=self.run_id, tracking_uri=self.tracking_uri, synchronous=self.synchronous)
+
+    def callback(self) -> pl.Callback:
+        return _ExceptionRecorder(self)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:500]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+        import time
+
+        ts = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_figure(self, figure, artifact_file: str) -> None:
+        self.client.log_figure(self.run_id, figure, artifact_file)
+
+    def log_artifact(self, local_path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(local_path), artifact_path)
+
+    def log_model(self, model, input_example, pip_requirements: list[str]) -> None:
+        """mlflow.pytorch.log_model with signature and input example, linked to this run."""
+        import mlflow
+        import torch
+        from mlflow.models import infer_signature
+
+        with torch.no_grad():
+            output = model(torch.from_numpy(input_example)).numpy()
+        signature = infer_signature(input_example, output)
+        # start_run(run_id) resumes our run for the fluent API; its end would set FINISHED early, so the
+        # status set in __exit__ (which runs after this) is the one that stays.
+        with mlflow.start_run(run_id=self.run_id):
+            mlflow.pytorch.log_model(
+                model, name="model", signature=signature, input_example=input_example,
+                pip_requirements=pip_requirements,
+            )
+
+
+PARENT_ENV = "MNISTLAB_PARENT_RUN_ID"
+PARENT_FILE = ".mlflow_parent_run_id"
+
+
+def parent_run_id(sweep_dir: Path | None) -> str | None:
+    """The sweep's parent run: from the file the sweep callback wrote in the sweep dir (works on any
+    launcher, even on cluster nodes that share the filesystem), else from the environment."""
+    import os
+
+    if sweep_dir is not None and (Path(sweep_dir) / PARENT_FILE).is_file():
+        return (Path(sweep_dir) / PARENT_FILE).read_text().strip() or None
+    return os.environ.get(PARENT_ENV) or None
+
+
+def unique_run_name(client, experiment_id: str, base: str) -> str:
+    """`base`, or `base #N` when the experiment already has runs of that name (re-runs of one config)."""
+    quoted = base.replace("'", "")
+    runs = client.search_runs([experiment_id], filter_string=f"attributes.run_name LIKE '{quoted}%'", max_results=1000)
+    taken = {r.info.run_name for r in runs}
+    if base not in taken:
+        return base
+    n = 2
+    while f"{base} #{n}" in taken:
+        n += 1
+    return f"{base} #{n}"

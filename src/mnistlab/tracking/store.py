@@ -1,0 +1,64 @@
+"""The project's MLflow store: one SQLite database under mlruns/, created and migrated once under a lock."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+DB_NAME = "mlflow.db"
+ARTIFACTS_DIR = "artifacts"
+# SQLite waits this long for a writer's lock instead of failing at once with "database is locked".
+SQLITE_BUSY_TIMEOUT_S = 60
+
+
+def default_tracking_uri(mlruns_dir: Path) -> str:
+    return f"sqlite:///{Path(mlruns_dir).resolve() / DB_NAME}?timeout={SQLITE_BUSY_TIMEOUT_S}"
+
+
+def resolve_tracking_uri(configured: str | None, mlruns_dir: Path) -> str:
+    """Config key first, then $MLFLOW_TRACKING_URI (a team server), then the project's own SQLite store."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(mlruns_dir)
+
+
+def artifact_location(mlruns_dir: Path) -> str:
+    return (Path(mlruns_dir).resolve() / ARTIFACTS_DIR).as_uri()
+
+
+@contextmanager
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def ensure_experiment(tracking_uri: str, experiment_name: str, mlruns_dir: Path) -> str:
+    """Create/migrate the store (once, under a file lock) and the experiment; returns its id.
+
+    A fresh SQLite database hit by several processes at once fails its schema migration, so the
+    first process to get the lock creates it and the others find it ready.
+    """
+    from mlflow import MlflowClient
+
+    is_local = tracking_uri.startswith("sqlite:")
+    lock = Path(mlruns_dir) / ".store.lock"
+    ctx = _file_lock(lock) if is_local else nullcontext()
+    with ctx:
+        client = MlflowClient(tracking_uri)
+        exp = client.get_experiment_by_name(experiment_name)
+        if exp is not None and exp.lifecycle_stage == "deleted":
+            client.restore_experiment(exp.experiment_id)
+        if exp is None:
+            location = artifact_location(mlruns_dir) if is_local else None
+            return client.create_experiment(experiment_name, artifact_location=location)
+        return exp.experiment_id
+
+
+@contextmanager
+def nullcontext():
+    yield

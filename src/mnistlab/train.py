@@ -1,0 +1,285 @@
+"""Training entry point: `python -m mnistlab.train [overrides]` (Hydra), a thin main over a testable train(cfg)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from mnistlab.config import ConfigError, validate
+from mnistlab.paths import CONF_DIR, project_root, resolve, workspace_root
+
+log = logging.getLogger("mnistlab.train")
+METRICS_FILE = "metrics.json"
+CURVES_FILE = "curves.csv"
+
+
+def _hydra():
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get() if HydraConfig.initialized() else None
+
+
+def parallel_jobs(hc) -> int:
+    """How many trials run at once on this machine under the current Hydra launcher."""
+    if hc is None or str(hc.mode) != "RunMode.MULTIRUN":
+        return 1
+    launcher = hc.launcher
+    target = str(launcher.get("_target_", ""))
+    cores = os.cpu_count() or 1
+    if "joblib" in target:
+        n = launcher.get("n_jobs", -1)
+        return cores if n is None or n < 0 else max(1, n)
+    if "LocalLauncher" in target:  # submitit_local starts every trial at once
+        return max(1, min(int(launcher.get("array_parallelism", cores)), cores))
+    return 1
+
+
+def configure_threads(num_threads: int | None, jobs: int) -> int:
+    """Torch intra-op threads: the configured number, else cores / parallel jobs (no oversubscription)."""
+    import torch
+
+    n = num_threads or max(1, (os.cpu_count() or 1) // jobs)
+    torch.set_num_threads(n)
+    return n
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def write_curves_csv(path: Path, rows: list[dict[str, float]]) -> None:
+    from mnistlab.callbacks import CURVE_KEYS
+
+    lines = [",".join(["epoch", *CURVE_KEYS])]
+    lines += [",".join([str(r["epoch"]), *(f"{r.get(k, float('nan')):.6f}" for k in CURVE_KEYS)]) for r in rows]
+    _write_atomic(path, "\n".join(lines) + "\n")
+
+
+def curated_params(cfg: DictConfig) -> dict:
+    """The flat parameters a user compares runs by in the MLflow UI."""
+    opt = cfg.optimizer
+    return {
+        "optimizer": opt.name,
+        "lr": opt.lr,
+        "momentum": opt.get("momentum", 0.0),
+        "nesterov": opt.get("nesterov", False),
+        "alpha": opt.get("alpha", ""),
+        "eps": opt.get("eps", ""),
+        "weight_decay": opt.get("weight_decay", 0.0),
+        "batch_size": cfg.data.batch_size,
+        "max_epochs": cfg.trainer.max_epochs,
+        "seed": cfg.seed,
+        "hidden_sizes": list(cfg.model.hidden_sizes),
+        "activation": cfg.model.activation,
+        "dropout": cfg.model.dropout,
+        "precision": cfg.trainer.precision,
+        "accelerator": cfg.trainer.accelerator,
+        "val_size": cfg.data.val_size,
+        "split_seed": cfg.data.split_seed,
+    }
+
+
+def build_callbacks(callbacks_cfg: DictConfig, checkpoint_dir: Path, progress_bar: bool) -> list:
+    from lightning.pytorch.callbacks import ProgressBar
+
+    out = []
+    for name, cb_cfg in (callbacks_cfg or {}).items():
+        if cb_cfg is None:
+            continue
+        kwargs = {}
+        if name == "model_checkpoint" and cb_cfg.get("dirpath") is None:
+            kwargs["dirpath"] = str(checkpoint_dir)
+        cb = hydra.utils.instantiate(cb_cfg, **kwargs)
+        if isinstance(cb, ProgressBar) and not progress_bar:
+            continue
+        out.append(cb)
+    return out
+
+
+def _dirs(paths_cfg: DictConfig, root: Path, hc) -> tuple[Path, Path, Path]:
+    if paths_cfg.output_dir:
+        out = resolve(paths_cfg.output_dir, root)
+    elif hc is not None:
+        out = Path(hc.runtime.output_dir)
+    else:
+        out = root / "logs" / "runs" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    reports = resolve(paths_cfg.reports_dir, root) if paths_cfg.reports_dir else out
+    ckpts = resolve(paths_cfg.checkpoint_dir, root) if paths_cfg.checkpoint_dir else out / "checkpoints"
+    return out, reports, ckpts
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Validate `cfg`, train and test the MLP, write metrics.json + curves.csv, track it all in MLflow."""
+    validate(cfg)
+    import lightning.pytorch as pl
+    import torch
+
+    from mnistlab.callbacks import EpochHistory
+    from mnistlab.data.datamodule import MnistDataModule
+    from mnistlab.model import MnistMLP
+
+    hc = _hydra()
+    root = Path(cfg.paths.root) if cfg.paths.root else project_root()
+    out_dir, reports_dir, ckpt_dir = _dirs(cfg.paths, root, hc)
+    threads = configure_threads(cfg.num_threads, parallel_jobs(hc))
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+
+    dm = MnistDataModule(resolve(cfg.data.processed_dir, root), cfg.data.batch_size, cfg.data.eval_batch_size, cfg.seed)
+    meta = dm.load()  # fails here, before any run opens, when data/processed is missing
+    model = MnistMLP(
+        model=OmegaConf.to_container(cfg.model, resolve=True),
+        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
+    )
+    history = EpochHistory()
+    overrides = list(hc.overrides.task) if hc is not None else []
+
+    tracked = _open_run(cfg, root, overrides, meta, hc) if cfg.logger.enabled else nullcontext(None)
+    with tracked as run:
+        callbacks = build_callbacks(cfg.callbacks, ckpt_dir, cfg.trainer.enable_progress_bar) + [history]
+        logger = False
+        if run is not None:
+            callbacks.append(run.callback())
+            logger = run.logger()
+            run.log_params(curated_params(cfg))
+            run.client.set_tag(run.run_id, "mnistlab.torch_threads", str(threads))
+            run.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+            run.log_text("\n".join(overrides) + "\n", "overrides.txt")
+        trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(out_dir))
+        if run is not None:
+            from mnistlab.run_info import device_name
+
+            run.client.set_tag(run.run_id, "mnistlab.device", device_name(trainer.strategy.root_device))
+
+        start = time.perf_counter()
+        trainer.fit(model, datamodule=dm, ckpt_path=cfg.ckpt_path)
+        fit_seconds = time.perf_counter() - start
+        if trainer.interrupted:
+            raise KeyboardInterrupt("training was interrupted")
+        fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        epochs_run = len(history.rows)
+        ckpt_cb = trainer.checkpoint_callback
+        test_ckpt = "best" if cfg.test_ckpt == "best" and ckpt_cb is not None and ckpt_cb.best_model_path else None
+        trainer.test(model, datamodule=dm, ckpt_path=test_ckpt, verbose=False)
+        test_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+
+        metrics = {
+            "test/acc": test_metrics["test/acc"],
+            "test/loss": test_metrics["test/loss"],
+            "val/acc_best": fit_metrics.get("val/acc_best", float("nan")),
+            "epochs": epochs_run,
+            "fit_seconds": round(fit_seconds, 3),
+            "samples_per_second": round(model.samples_seen / fit_seconds, 1),
+        }
+        if run is not None:
+            _log_results(run, cfg, model, dm, history.rows, metrics, test_metrics, ckpt_cb, trainer.global_step)
+        write_curves_csv(reports_dir / CURVES_FILE, history.rows)
+        _write_atomic(reports_dir / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
+    log.info("test/acc=%.4f test/loss=%.4f in %.1fs (%d epochs); metrics in %s",
+             metrics["test/acc"], metrics["test/loss"], fit_seconds, epochs_run, reports_dir / METRICS_FILE)
+    return metrics
+
+
+def _open_run(cfg: DictConfig, root: Path, overrides: list[str], meta: dict, hc):
+    from mnistlab.run_info import environment_tags, git_state, run_name
+    from mnistlab.tracking.run import PARENT_TAG, TrackedRun, parent_run_id, unique_run_name
+    from mnistlab.tracking.store import ensure_experiment, resolve_tracking_uri
+
+    mlruns = resolve(cfg.paths.mlruns_dir, workspace_root(root))
+    uri = resolve_tracking_uri(cfg.logger.tracking_uri, mlruns)
+    exp_id = ensure_experiment(uri, cfg.logger.experiment_name, mlruns)
+    commit, dirty = git_state(root)
+    tags = {
+        "mlflow.source.git.commit": commit,
+        "mnistlab.git_dirty": str(dirty).lower(),
+        "mnistlab.data_checksum": meta["data_checksum"],
+        "mnistlab.data_verified": str(meta.get("verified", True)).lower(),
+        "mnistlab.task": cfg.task_name,
+        **environment_tags(),
+    }
+    sweep_dir = Path(hc.sweep.dir) if hc is not None and str(hc.mode) == "RunMode.MULTIRUN" else None
+    parent = parent_run_id(sweep_dir)
+    if parent:
+        tags[PARENT_TAG] = parent
+        tags["mnistlab.trial"] = str(hc.job.num) if hc is not None else ""
+    run = TrackedRun(uri, exp_id, "", tags, synchronous=cfg.logger.synchronous)
+    base = cfg.logger.run_name or run_name(cfg.optimizer.name, cfg.optimizer.lr, cfg.data.batch_size, overrides)
+    run.run_name = unique_run_name(run.client, exp_id, base)
+    return run
+
+
+def _log_results(run, cfg, model, dm, rows, metrics, test_metrics, ckpt_cb, step) -> None:
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import torch
+
+    from mnistlab.tracking import plots
+
+    run.log_metrics({k: v for k, v in metrics.items() if k not in test_metrics}, step=step)
+    if cfg.logger.plots:
+        figures = {
+            "curves.png": plots.curves_figure(rows, run.run_name),
+            "confusion_matrix.png": plots.confusion_figure(model.test_confusion.compute().cpu().numpy()),
+        }
+        x_test, y_test = dm.split("test")
+        figures["misclassified.png"] = plots.misclassified_figure(
+            x_test.cpu(), model.test_predictions, y_test.cpu(), cfg.logger.misclassified_max
+        )
+        for name, fig in figures.items():
+            run.log_figure(fig, name)
+            plt.close(fig)
+    if cfg.logger.log_checkpoint and ckpt_cb is not None and ckpt_cb.best_model_path:
+        run.log_artifact(Path(ckpt_cb.best_model_path), "checkpoints")
+    if cfg.logger.log_model:
+        net = copy.deepcopy(model.net).cpu().float().eval()
+        example = dm.split("test")[0][:5].cpu().numpy().astype(np.float32)
+        run.log_model(net, example, [f"torch=={torch.__version__.split('+')[0]}"])
+
+
+def record_failed_trial(cfg: DictConfig, error: Exception) -> None:
+    """A sweep trial that failed before its run opened (bad value, missing data) still gets a FAILED run."""
+    hc = _hydra()
+    root = Path(cfg.paths.root) if cfg.paths.root else project_root()
+    meta = {"data_checksum": "unknown"}
+    try:
+        with _open_run(cfg, root, list(hc.overrides.task) if hc else [], meta, hc):
+            raise error
+    except Exception:
+        pass
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    from mnistlab.data.mnist_files import MnistDataError
+
+    hc = _hydra()
+    in_sweep = hc is not None and str(hc.mode) == "RunMode.MULTIRUN"
+    try:
+        return train(cfg)["test/acc"]
+    except Exception as e:
+        if not in_sweep:
+            if isinstance(e, (ConfigError, MnistDataError)):
+                print(f"error: {e}", file=sys.stderr)
+                sys.exit(2)
+            raise
+        # A sweep goes on past a failed trial: the run is FAILED in MLflow, the sweep callback reports it
+        # and makes the multirun exit non-zero at the end.
+        log.exception("trial %s failed: %s", hc.job.num, e)
+        if cfg.logger.enabled and not getattr(e, "mlflow_run_id", None):
+            record_failed_trial(cfg, e)
+        return None
+
+
+if __name__ == "__main__":
+    main()
