@@ -63,7 +63,7 @@ def problems(cfg: DictConfig) -> list[str]:
     check(_num(model.dropout) and 0 <= model.dropout < 1, "model.dropout", "must be in [0, 1)")
 
     check(_int(trainer.max_epochs) and trainer.max_epochs >= 1, "trainer.max_epochs", "must be an integer >= 1")
-    if _int(trainer.get("min_epochs")) and _int(trainer.max_epochs):
+    if _int(trainer.get("min_epochs")) and _int(trainer.max_epochs) and trainer.max_epochs >= 1:
         check(trainer.min_epochs <= trainer.max_epochs, "trainer.min_epochs", "must not exceed trainer.max_epochs")
     check(
         _int(trainer.log_every_n_steps) and trainer.log_every_n_steps >= 1,

@@ -45,14 +45,12 @@ class MnistMLP(pl.LightningModule):
         self.test_confusion = MulticlassConfusionMatrix(num_classes=n)
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
         self.val_acc_best = MaxMetric()
+        self.val_acc_best.persistent(True)  # in the checkpoint, so a resumed run keeps its best
         self.test_predictions: torch.Tensor | None = None
         self.samples_seen = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x.flatten(1))
-
-    def on_train_start(self) -> None:
-        self.val_acc_best.reset()
 
     def training_step(self, batch, batch_idx):
         x, y = batch

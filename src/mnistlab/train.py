@@ -39,7 +39,7 @@ def parallel_jobs(hc) -> int:
         n = launcher.get("n_jobs", -1)
         return cores if n is None or n < 0 else max(1, n)
     if "LocalLauncher" in target:  # submitit_local starts every trial at once
-        return max(1, min(int(launcher.get("array_parallelism", cores)), cores))
+        return cores
     return 1
 
 
@@ -146,6 +146,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
     overrides = list(hc.overrides.task) if hc is not None else []
 
     tracked = _open_run(cfg, root, overrides, meta, hc) if cfg.logger.enabled else nullcontext(None)
+    try:
+        return _fit_and_test(cfg, tracked, model, dm, meta, history, overrides, threads, out_dir, reports_dir, ckpt_dir)
+    finally:
+        from mnistlab.tracking.run import restore_sigint
+
+        restore_sigint()
+
+
+def _fit_and_test(cfg, tracked, model, dm, meta, history, overrides, threads, out_dir, reports_dir, ckpt_dir):
+    """Inside the tracked run: fit, test, then write and log the results."""
+    import hydra
+
     with tracked as run:
         callbacks = build_callbacks(cfg.callbacks, ckpt_dir, cfg.trainer.enable_progress_bar) + [history]
         logger = False
@@ -168,7 +180,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if trainer.interrupted:
             raise KeyboardInterrupt("training was interrupted")
         fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        epochs_run = len(history.rows)
+        rows = list(history.rows)  # test(ckpt_path="best") restores callback state from that checkpoint
+        epochs_run = len(rows)
         ckpt_cb = trainer.checkpoint_callback
         test_ckpt = "best" if cfg.test_ckpt == "best" and ckpt_cb is not None and ckpt_cb.best_model_path else None
         trainer.test(model, datamodule=dm, ckpt_path=test_ckpt, verbose=False)
@@ -183,8 +196,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             "samples_per_second": round(model.samples_seen / fit_seconds, 1),
         }
         if run is not None:
-            _log_results(run, cfg, model, dm, history.rows, metrics, test_metrics, ckpt_cb, trainer.global_step)
-        write_curves_csv(reports_dir / CURVES_FILE, history.rows)
+            _log_results(run, cfg, model, dm, rows, metrics, test_metrics, ckpt_cb, trainer.global_step)
+        write_curves_csv(reports_dir / CURVES_FILE, rows)
         _write_atomic(reports_dir / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
     log.info("test/acc=%.4f test/loss=%.4f in %.1fs (%d epochs); metrics in %s",
              metrics["test/acc"], metrics["test/loss"], fit_seconds, epochs_run, reports_dir / METRICS_FILE)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,6 +96,11 @@ def read_idx(path: Path) -> np.ndarray:
             f"unsigned-byte MNIST data. {FIX_CORRUPT}"
         )
     header = 4 + 4 * ndim
+    if len(data) < header:
+        raise MnistDataError(
+            f"{path} is truncated inside its IDX header ({len(data)} bytes, the header alone is "
+            f"{header}). {FIX_CORRUPT}"
+        )
     dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     payload = np.frombuffer(data, dtype=np.uint8, offset=header)
     if payload.size != int(np.prod(dims)):
@@ -107,15 +113,28 @@ def read_idx(path: Path) -> np.ndarray:
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # a bare .npy saved under the .npz name
+            raise MnistDataError(
+                f"{path} is a single .npy array, not a .npz archive; a Keras-layout mnist.npz holds "
+                f"x_train, y_train, x_test, y_test. {FIX_CORRUPT}"
+            )
+        with loaded as npz:
             missing = [k for k in CANONICAL_SHA256 if k not in npz.files]
             if missing:
                 raise MnistDataError(
                     f"{path} lacks the array(s) {missing}; a Keras-layout mnist.npz holds "
                     f"x_train, y_train, x_test, y_test. {FIX_CORRUPT}"
                 )
-            return {k: npz[k] for k in CANONICAL_SHA256}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+            arrays = {k: npz[k] for k in CANONICAL_SHA256}
+        # NpzFile returns a member that is not in .npy format as raw bytes instead of failing.
+        not_npy = [k for k, a in arrays.items() if not isinstance(a, np.ndarray)]
+        if not_npy:
+            raise MnistDataError(
+                f"{path} member(s) {not_npy} are not .npy arrays; the archive is corrupt. {FIX_CORRUPT}"
+            )
+        return arrays
+    except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError) as e:
         raise MnistDataError(
             f"{path} is not a readable .npz archive ({type(e).__name__}: {e}); it may be truncated "
             f"by an interrupted download. {FIX_CORRUPT}"

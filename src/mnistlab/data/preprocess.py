@@ -36,7 +36,12 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
     old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
     if out_dir.exists():
         out_dir.rename(old)
-    tmp.rename(out_dir)
+    try:
+        tmp.rename(out_dir)
+    except BaseException:
+        if old.exists() and not out_dir.exists():  # put the previous good output back
+            old.rename(out_dir)
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 

@@ -48,6 +48,12 @@ class _ExceptionRecorder(pl.Callback):
         self.run.seen_exception = exception
 
 
+def restore_sigint() -> None:
+    """Lightning ignores Ctrl-C after the first one while it shuts down; give the user their Ctrl-C back."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def status_for(exc: BaseException | None, seen: BaseException | None) -> str:
     """MLflow status for how a run ended: FINISHED, KILLED (interrupt/SIGTERM) or FAILED."""
     if exc is None:
@@ -81,9 +87,7 @@ class TrackedRun:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        # Lightning ignores further Ctrl-C while it shuts down; give the user their Ctrl-C back.
-        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+        restore_sigint()
         self.status = status_for(exc, self.seen_exception)
         if exc is not None:
             try:

@@ -1,0 +1,152 @@
+"""Shared fixtures: small generated MNIST-shaped data (npz and IDX), a copy of the project in a temp git repo."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SHARED_MNIST = Path(os.environ.get("MNISTLAB_SHARED_MNIST", PROJECT_ROOT.parent / "shared" / "mnist"))
+
+
+def fake_mnist(n_train: int = 600, n_test: int = 200, seed: int = 0) -> dict[str, np.ndarray]:
+    """Learnable but not trivial MNIST-shaped arrays: each digit lights its own faint band of rows over
+    strong noise, and 10% of the labels are wrong, so accuracy is high but below 1 and moves with training."""
+    rng = np.random.default_rng(seed)
+
+    def make(n):
+        y = rng.integers(0, 10, n).astype(np.uint8)
+        x = rng.integers(0, 140, (n, 28, 28)).astype(np.uint8)
+        for i, c in enumerate(y):
+            x[i, 2 * c + 3 : 2 * c + 6, 4:24] += 100
+        flip = rng.random(n) < 0.1
+        y[flip] = rng.integers(0, 10, int(flip.sum()))
+        return x, y
+
+    x_train, y_train = make(n_train)
+    x_test, y_test = make(n_test)
+    return {"x_train": x_train, "y_train": y_train, "x_test": x_test, "y_test": y_test}
+
+
+def write_npz(folder: Path, arrays: dict[str, np.ndarray], name: str = "mnist.npz") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(folder / name, **arrays)
+    return folder / name
+
+
+IDX_NAMES = {
+    "x_train": "train-images-idx3-ubyte",
+    "y_train": "train-labels-idx1-ubyte",
+    "x_test": "t10k-images-idx3-ubyte",
+    "y_test": "t10k-labels-idx1-ubyte",
+}
+
+
+def idx_bytes(a: np.ndarray, magic: int | None = None) -> bytes:
+    magic = magic if magic is not None else (2051 if a.ndim == 3 else 2049)
+    header = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in a.shape)
+    return header + np.ascontiguousarray(a, dtype=np.uint8).tobytes()
+
+
+def write_idx(folder: Path, arrays: dict[str, np.ndarray], gz: bool = True) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for key, stem in IDX_NAMES.items():
+        data = idx_bytes(arrays[key])
+        if gz:
+            with gzip.open(folder / f"{stem}.gz", "wb") as f:
+                f.write(data)
+        else:
+            (folder / stem).write_bytes(data)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def fake_arrays() -> dict[str, np.ndarray]:
+    return fake_mnist()
+
+
+@pytest.fixture(scope="session")
+def processed_dir(tmp_path_factory, fake_arrays) -> Path:
+    """data/processed made by the real preprocess from the fake npz (checksums off: it is not MNIST)."""
+    from mnistlab.data.preprocess import preprocess
+
+    base = tmp_path_factory.mktemp("fixture_data")
+    write_npz(base / "raw", fake_arrays)
+    preprocess(base / "raw", base / "processed", val_size=100, split_seed=0, verify_checksums=False)
+    return base / "processed"
+
+
+def tracked_files() -> list[str]:
+    """The project's files as a clean clone has them: tracked plus new-but-not-ignored files."""
+    out = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, check=True,
+    ).stdout.split("\n")
+    return [f for f in out if f and (PROJECT_ROOT / f).is_file()]
+
+
+def git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout
+
+
+@pytest.fixture
+def project_copy(tmp_path) -> Path:
+    """The project's files in a fresh git repo (one commit), like a clean clone."""
+    dest = tmp_path / "proj"
+    for rel in tracked_files():
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(PROJECT_ROOT / rel, target)
+    git(dest, "init", "-q")
+    git(dest, "-c", "user.email=t@t", "-c", "user.name=t", "add", "-A")
+    git(dest, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init")
+    return dest
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """Environment for CLI subprocesses: the venv first on PATH, 1 torch thread, no stray tracking URI."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MNISTLAB_PARENT_RUN_ID", "MNISTLAB_ROOT")}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["HYDRA_FULL_ERROR"] = "1"
+    env.update(extra)
+    return env
+
+
+def compose(overrides: list[str]):
+    """The composed config exactly as `python -m mnistlab.train` would see it (without Hydra's run node)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from mnistlab.paths import CONF_DIR
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return hydra_compose("config", overrides=overrides)
+
+
+def fast_overrides(tmp: Path, processed: Path, epochs: int = 2) -> list[str]:
+    """A seconds-long CPU run on fixture data, writing only under `tmp`."""
+    return [
+        f"data.processed_dir={processed}",
+        "data.val_size=100",
+        "data.batch_size=32",
+        "data.eval_batch_size=100",
+        f"trainer.max_epochs={epochs}",
+        "trainer.log_every_n_steps=4",
+        "trainer.enable_progress_bar=false",
+        "callbacks.rich_progress_bar=null",
+        "callbacks.finite_loss.check_every_n_steps=1",
+        f"paths.root={tmp}",
+        f"paths.output_dir={tmp / 'out'}",
+        f"paths.mlruns_dir={tmp / 'mlruns'}",
+        f"paths.sweep_reports_dir={tmp / 'reports'}",
+        "num_threads=1",
+    ]

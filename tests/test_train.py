@@ -1,0 +1,87 @@
+"""Training on fixture data: outputs, determinism, resume after an interruption, the device-resident batches."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from conftest import compose, fast_overrides
+from mnistlab.data.datamodule import DeviceBatches
+from mnistlab.train import train
+
+
+class SigintAtEpoch(pl.Callback):
+    """Sends this process a real SIGINT at the start of the given epoch (what Ctrl-C does)."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch == self.epoch and batch_idx == 0:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def _curves(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_fast_run_writes_metrics_and_one_curve_row_per_epoch(tmp_path, processed_dir):
+    metrics = train(compose(fast_overrides(tmp_path, processed_dir, epochs=2) + ["logger=none"]))
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert saved == metrics
+    assert set(saved) >= {"test/acc", "test/loss", "val/acc_best", "epochs", "fit_seconds", "samples_per_second"}
+    assert 0.5 < saved["test/acc"] <= 1.0 and saved["epochs"] == 2
+    rows = _curves(tmp_path / "out" / "curves.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert list(rows[0]) == ["epoch", "train/loss", "train/acc", "val/loss", "val/acc"]
+    assert float(rows[1]["train/loss"]) < float(rows[0]["train/loss"])
+    assert saved["val/acc_best"] == pytest.approx(max(float(r["val/acc"]) for r in rows), abs=1e-6)
+    assert (tmp_path / "out" / "checkpoints" / "best.ckpt").is_file()
+
+
+def test_same_config_and_seed_give_identical_metrics(tmp_path, processed_dir):
+    a = train(compose(fast_overrides(tmp_path / "a", processed_dir) + ["logger=none"]))
+    b = train(compose(fast_overrides(tmp_path / "b", processed_dir) + ["logger=none"]))
+    c = train(compose(fast_overrides(tmp_path / "c", processed_dir) + ["logger=none", "seed=7"]))
+    assert a["test/acc"] == b["test/acc"] and a["test/loss"] == b["test/loss"]
+    assert _curves(tmp_path / "a/out/curves.csv") == _curves(tmp_path / "b/out/curves.csv")
+    assert c["test/loss"] != a["test/loss"], "the seed must matter"
+
+
+def test_resume_after_interrupt_continues_from_the_saved_epoch(tmp_path, processed_dir):
+    common = fast_overrides(tmp_path / "r", processed_dir, epochs=3) + ["logger=none", "test_ckpt=last"]
+    straight = train(compose(fast_overrides(tmp_path / "s", processed_dir, epochs=3) + ["logger=none", "test_ckpt=last"]))
+
+    interrupted = compose(common + ["+callbacks.interrupt._target_=test_train.SigintAtEpoch", "+callbacks.interrupt.epoch=1"])
+    with pytest.raises(SystemExit):
+        train(interrupted)
+    last = tmp_path / "r" / "out" / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+    assert torch.load(last, weights_only=True)["epoch"] == 0  # only the first epoch completed
+    assert not (tmp_path / "r" / "out" / "metrics.json").exists(), "an interrupted run must not write metrics"
+
+    resumed = train(compose(common + [f"ckpt_path={last}"]))
+    assert [int(r["epoch"]) for r in _curves(tmp_path / "r/out/curves.csv")] == [1, 2, 3]
+    assert resumed["test/acc"] == straight["test/acc"]
+    assert resumed["test/loss"] == pytest.approx(straight["test/loss"], rel=1e-6)
+
+
+def test_device_batches_cover_each_sample_once_in_a_seeded_order():
+    x = torch.arange(103, dtype=torch.float32).unsqueeze(1)
+    y = torch.arange(103)
+    epoch = {"n": 0}
+    batches = DeviceBatches(x, y, batch_size=10, shuffle=True, seed=3, epoch_fn=lambda: epoch["n"])
+    first = torch.cat([b[1] for b in batches])
+    assert len(batches) == 11 and sorted(first.tolist()) == list(range(103))
+    assert torch.equal(first, torch.cat([b[1] for b in batches])), "same epoch, same order"
+    epoch["n"] = 1
+    assert not torch.equal(first, torch.cat([b[1] for b in batches])), "a new epoch reshuffles"
+    shards = [torch.cat([b[1] for b in DeviceBatches(x, y, 10, True, 3, lambda: 1, rank=r, world_size=2)]) for r in (0, 1)]
+    assert sorted(torch.cat(shards).tolist()) == list(range(103)) and not set(shards[0].tolist()) & set(shards[1].tolist())
