@@ -145,6 +145,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     history = EpochHistory()
     overrides = list(hc.overrides.task) if hc is not None else []
 
+    env_uri = os.environ.get("MLFLOW_TRACKING_URI")
     tracked = _open_run(cfg, root, overrides, meta, hc) if cfg.logger.enabled else nullcontext(None)
     try:
         return _fit_and_test(cfg, tracked, model, dm, meta, history, overrides, threads, out_dir, reports_dir, ckpt_dir)
@@ -152,6 +153,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
         from mnistlab.tracking.run import restore_sigint
 
         restore_sigint()
+        # Lightning's MLFlowLogger calls mlflow.set_tracking_uri, which exports $MLFLOW_TRACKING_URI; undo it so
+        # the next run in this process resolves its own store.
+        if env_uri is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env_uri
 
 
 def _fit_and_test(cfg, tracked, model, dm, meta, history, overrides, threads, out_dir, reports_dir, ckpt_dir):

@@ -7,8 +7,10 @@ exception, KILLED on Ctrl-C or SIGTERM.
 
 from __future__ import annotations
 
+import os
 import signal
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +31,34 @@ class RunOwnedMLFlowLogger(MLFlowLogger):
     """MLFlowLogger writing into a run it did not create; finalize() flushes but leaves the status alone."""
 
     def finalize(self, status: str = "success") -> None:
-        flush_async()
+        flush_async(self._tracking_uri)
 
 
-def flush_async() -> None:
+@contextmanager
+def fluent_uri(uri: str):
+    """Point MLflow's global (fluent) API at `uri` for a moment, then restore it.
+
+    mlflow.set_tracking_uri also sets $MLFLOW_TRACKING_URI, which would silently send every later run in this
+    process (and its children) to this store; scoping it keeps the store a per-run decision.
+    """
     import mlflow
 
-    mlflow.flush_async_logging()
+    before_env = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before_env)
+        if before_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+def flush_async(uri: str) -> None:
+    """Wait for metric writes queued by async logging (synchronous=False) to land in `uri`."""
+    import mlflow
+
+    with fluent_uri(uri):
+        mlflow.flush_async_logging()
 
 
 class _ExceptionRecorder(pl.Callback):
@@ -70,12 +93,10 @@ class TrackedRun:
     """Context manager around one MLflow run (a single training or one sweep trial)."""
 
     def __init__(self, tracking_uri: str, experiment_id: str, run_name: str, tags: dict[str, str], synchronous: bool):
-        import mlflow
         from mlflow import MlflowClient
 
         self.tracking_uri, self.experiment_id, self.run_name = tracking_uri, experiment_id, run_name
         self.tags, self.synchronous = tags, synchronous
-        mlflow.set_tracking_uri(tracking_uri)
         self.client = MlflowClient(tracking_uri)
         self.run_id: str | None = None
         self.status: str | None = None
@@ -95,7 +116,7 @@ class TrackedRun:
             except AttributeError:
                 pass
         try:
-            flush_async()
+            flush_async(self.tracking_uri)
             if self.status != "FINISHED":
                 cause = self.seen_exception if isinstance(exc, SystemExit) and self.seen_exception else exc
                 message = f"{type(cause).__name__}: {cause}"[:MAX_TAG_CHARS]
@@ -147,7 +168,7 @@ class TrackedRun:
         signature = infer_signature(input_example, output)
         # start_run(run_id) resumes our run for the fluent API; its end would set FINISHED early, so the
         # status set in __exit__ (which runs after this) is the one that stays.
-        with mlflow.start_run(run_id=self.run_id):
+        with fluent_uri(self.tracking_uri), mlflow.start_run(run_id=self.run_id):
             mlflow.pytorch.log_model(
                 model, name="model", signature=signature, input_example=input_example,
                 pip_requirements=pip_requirements,

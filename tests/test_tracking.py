@@ -1,0 +1,188 @@
+"""A real MLflow store: one run per training with its params, tags, curves and artifacts; failures end FAILED/KILLED."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from conftest import BIN, PROJECT_ROOT, cli_env, compose, fast_overrides
+from mnistlab.tracking.store import default_tracking_uri
+from mnistlab.train import train
+
+ARTIFACTS = {"config.yaml", "overrides.txt", "curves.png", "confusion_matrix.png", "misclassified.png", "checkpoints"}
+
+
+def _client(tmp_path) -> MlflowClient:
+    return MlflowClient(default_tracking_uri(tmp_path / "mlruns"))
+
+
+def _runs(client, **filters):
+    exp = client.get_experiment_by_name("mnistlab")
+    return client.search_runs([exp.experiment_id], max_results=1000) if exp else []
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, processed_dir):
+    tmp = tmp_path_factory.mktemp("tracked")
+    metrics = train(compose(fast_overrides(tmp, processed_dir, epochs=2)))
+    client = _client(tmp)
+    (run,) = _runs(client)
+    return tmp, client, run, metrics
+
+
+def test_one_finished_run_with_params_metrics_and_tags(finished_run, processed_dir):
+    tmp, client, run, metrics = finished_run
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "rmsprop lr=0.001 bs=32"
+    p = run.data.params
+    assert (p["optimizer"], p["lr"], p["batch_size"], p["alpha"], p["max_epochs"], p["seed"]) == (
+        "rmsprop", "0.001", "32", "0.9", "2", "42")
+    assert {"momentum", "eps", "weight_decay", "hidden_sizes", "precision", "accelerator", "val_size"} <= set(p)
+    assert not any(k.startswith("model/") for k in p), "Lightning's hparams dump duplicates the curated params"
+    m = run.data.metrics
+    assert m["test/acc"] == pytest.approx(metrics["test/acc"])
+    assert {f"test/acc_class_{d}" for d in range(10)} <= set(m)
+    assert {"train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "fit_seconds", "samples_per_second"} <= set(m)
+    assert len(client.get_metric_history(run.info.run_id, "val/acc")) == 2
+    assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 2
+    assert len(client.get_metric_history(run.info.run_id, "train/loss_step")) >= 3
+    meta = json.loads((processed_dir / "meta.json").read_text())
+    t = run.data.tags
+    assert t["mnistlab.data_checksum"] == meta["data_checksum"]
+    for key in ("mlflow.source.git.commit", "mnistlab.git_dirty", "mnistlab.host", "mnistlab.device",
+                "version.torch", "version.lightning", "version.mlflow", "mnistlab.command"):
+        assert t.get(key), key
+    assert t["mnistlab.device"].startswith("cpu")
+
+
+def test_artifacts_config_plots_checkpoint(finished_run):
+    tmp, client, run, _ = finished_run
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert ARTIFACTS <= names, ARTIFACTS - names
+    cfg_text = client.download_artifacts(run.info.run_id, "config.yaml", str(tmp / "dl"))
+    assert "optimizer:" in open(cfg_text).read() and "_target_: torch.optim.RMSprop" in open(cfg_text).read()
+    ckpts = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")]
+    assert ckpts == ["checkpoints/best.ckpt"]
+    for png in ("curves.png", "confusion_matrix.png", "misclassified.png"):
+        local = client.download_artifacts(run.info.run_id, png, str(tmp / "dl"))
+        assert open(local, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_logged_model_round_trip_scores_the_same(finished_run, processed_dir):
+    import mlflow.pytorch
+
+    from mnistlab.tracking.run import fluent_uri
+
+    tmp, client, run, metrics = finished_run
+    with fluent_uri(default_tracking_uri(tmp / "mlruns")):
+        model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    x = torch.from_numpy(np.load(processed_dir / "x_test.npy").reshape(-1, 784)).float() / 255.0
+    y = torch.from_numpy(np.load(processed_dir / "y_test.npy")).long()
+    with torch.no_grad():
+        acc = (model(x).argmax(1) == y).float().mean().item()
+    assert acc == pytest.approx(metrics["test/acc"], abs=1e-6)
+
+
+def test_non_finite_loss_ends_failed_with_the_error(tmp_path, processed_dir):
+    from mnistlab.callbacks import NonFiniteLossError
+
+    with pytest.raises(NonFiniteLossError):
+        train(compose(fast_overrides(tmp_path, processed_dir) + ["optimizer=sgd", "optimizer.lr=1e30"]))
+    (run,) = _runs(_client(tmp_path))
+    assert run.info.status == "FAILED"
+    assert "NonFiniteLossError" in run.data.tags["mnistlab.error"] and "lr=1e+30" in run.data.tags["mnistlab.error"]
+    assert "error.txt" in {a.path for a in _client(tmp_path).list_artifacts(run.info.run_id)}
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_interrupt_ends_killed(tmp_path, processed_dir):
+    overrides = fast_overrides(tmp_path, processed_dir, epochs=3) + [
+        "+callbacks.interrupt._target_=test_train.SigintAtEpoch", "+callbacks.interrupt.epoch=1"]
+    with pytest.raises(SystemExit):
+        train(compose(overrides))
+    (run,) = _runs(_client(tmp_path))
+    assert run.info.status == "KILLED"
+    assert "KeyboardInterrupt" in run.data.tags["mnistlab.error"]
+    assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
+
+
+def test_clean_stale_kills_runs_whose_process_is_gone(tmp_path):
+    from mnistlab.tracking.cli import main as runs_cli
+    from mnistlab.tracking.store import ensure_experiment
+
+    uri = default_tracking_uri(tmp_path / "mlruns")
+    exp = ensure_experiment(uri, "mnistlab", tmp_path / "mlruns")
+    client = MlflowClient(uri)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    gone = client.create_run(exp, run_name="gone", tags={"mnistlab.host": host, "mnistlab.pid": str(dead.pid)})
+    alive = client.create_run(exp, run_name="alive", tags={
+        "mnistlab.host": host, "mnistlab.pid": str(os.getpid()),
+        "mnistlab.proc_start": f"{__import__('psutil').Process().create_time():.3f}"})
+    runs_cli(["clean-stale", "--tracking-uri", uri])
+    assert client.get_run(gone.info.run_id).info.status == "KILLED"
+    assert client.get_run(alive.info.run_id).info.status == "RUNNING"
+    client.set_terminated(alive.info.run_id, "FINISHED")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str):
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def _post(url: str, body: dict):
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+@pytest.mark.slow
+def test_mlflow_server_serves_runs_and_metric_histories(finished_run):
+    tmp, client, run, metrics = finished_run
+    port = _free_port()
+    server = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--backend-store-uri", default_tracking_uri(tmp / "mlruns"),
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read()
+                assert time.time() < deadline, "mlflow server did not start"
+                time.sleep(0.5)
+        exp = _get(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=mnistlab")["experiment"]
+        found = _post(f"{base}/api/2.0/mlflow/runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
+        assert [r["info"]["run_id"] for r in found] == [run.info.run_id]
+        hist = _get(f"{base}/api/2.0/mlflow/metrics/get-history?run_id={run.info.run_id}&metric_key=val/acc")["metrics"]
+        assert len(hist) == 2
+        served = {m["key"]: m["value"] for m in found[0]["data"]["metrics"]}
+        assert served["test/acc"] == pytest.approx(metrics["test/acc"])
+        page = urllib.request.urlopen(f"{base}/", timeout=10).read().decode()
+        assert "<html" in page.lower()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
