@@ -143,6 +143,32 @@ def test_empty_mirror_fails_naming_the_import(project_copy, tmp_path):
     assert not (proj / "dvc.lock").exists()
 
 
+def test_source_gone_after_import_recovers_from_cache(project_copy, fake_source, tmp_path):
+    """Once imported, an unreachable source (offline, mirror moved) makes `dvc repro` fail; DVC then also
+    removes data/raw/mnist.npz from the workspace (not asserted: DVC's behaviour), but the copy in
+    .dvc/cache is intact: `dvc checkout data.dvc` restores it, and a frozen import repros offline."""
+    proj, (mirror, _) = project_copy, fake_source
+    set_params(proj, "data.verify_checksums=false", "data.val_size=100")
+    redirect(proj, mirror)
+    dvc(proj, "repro", "preprocess")
+    raw = proj / "data" / "raw" / "mnist.npz"
+    raw_bytes, processed_meta = raw.read_bytes(), meta(proj)
+
+    (tmp_path / "gone").mkdir()
+    redirect(proj, tmp_path / "gone")
+    proc = dvc(proj, "repro", "preprocess", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "does not exist" in out, out
+    assert meta(proj) == processed_meta  # the stage's output survives the failed import
+
+    dvc(proj, "checkout", "data.dvc")
+    assert raw.read_bytes() == raw_bytes
+    dvc(proj, "freeze", "data.dvc")
+    again = dvc(proj, "repro", "preprocess")
+    assert "Stage 'preprocess' didn't change, skipping" in again.stdout + again.stderr
+    assert raw.read_bytes() == raw_bytes
+
+
 def test_fake_data_with_default_params_fails_verification(project_copy, fake_source):
     """With the committed params (verification on) a mirror that is not MNIST stops the stage."""
     proj, (mirror, _) = project_copy, fake_source

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from mnistlab.paths import CONF_DIR
+from mnistlab.paths import conf_dir
 
 PARAMS_FILE = "params.yaml"
 
@@ -17,7 +17,7 @@ PARAMS_FILE = "params.yaml"
 def compose_params(output: Path, overrides: list[str] | None = None) -> str:
     from dvc.utils.hydra import compose_and_dump
 
-    compose_and_dump(output, str(CONF_DIR), None, "config", str(output.parent), list(overrides or []))
+    compose_and_dump(output, str(conf_dir()), None, "config", str(output.parent), list(overrides or []))
     return output.read_text()
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # DVC runs queued/temp experiments in a copy under this folder of the workspace.
 _DVC_EXP_TMP = os.sep + os.path.join(".dvc", "tmp", "exps") + os.sep
 
@@ -17,6 +16,15 @@ def project_root(start: Path | None = None) -> Path:
         if (folder / "dvc.yaml").is_file() and (folder / "conf").is_dir():
             return folder
     return start
+
+
+def conf_dir() -> Path:
+    """The conf/ of the project the command runs in (a clone, a DVC temp copy), else the checkout installed."""
+    here = project_root() / "conf"
+    return here if here.is_dir() else Path(__file__).resolve().parents[2] / "conf"
+
+
+CONF_DIR = conf_dir()
 
 
 def workspace_root(start: Path | None = None) -> Path:

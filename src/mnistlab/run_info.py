@@ -10,7 +10,10 @@ import sys
 from pathlib import Path
 
 # Overrides that say where a run writes or how it logs, not what it trains: left out of run names.
-_NAME_SKIP_PREFIXES = ("paths.", "logger", "hydra", "launcher", "callbacks.rich", "trainer.enable_progress_bar")
+_NAME_SKIP_PREFIXES = (
+    "paths.", "logger", "hydra", "launcher", "callbacks.rich", "trainer.enable_progress_bar", "data.processed_dir",
+    "data.raw_dir", "num_threads", "sweep", "callbacks.model_checkpoint", "experiment",
+)
 _NAME_CORE_KEYS = ("optimizer", "optimizer.lr", "data.batch_size")
 
 
@@ -51,6 +54,7 @@ def environment_tags() -> dict[str, str]:
         "version.lightning": lightning.__version__,
         "version.mlflow": mlflow.__version__,
         "version.python": platform.python_version(),
+        **({"dvc.exp_name": os.environ["DVC_EXP_NAME"]} if os.environ.get("DVC_EXP_NAME") else {}),
     }
 
 
@@ -62,4 +66,5 @@ def run_name(optimizer: str, lr: float, batch_size: int, overrides: list[str]) -
         if key in _NAME_CORE_KEYS or key.startswith(_NAME_SKIP_PREFIXES):
             continue
         extra.append(o.lstrip("+~").replace("trainer.", "").replace("data.", "").replace("optimizer.", ""))
-    return " ".join([f"{optimizer} lr={lr:g} bs={batch_size}", *extra])
+    dvc_exp = os.environ.get("DVC_EXP_NAME")  # set by `dvc exp run`, whose -S values reach us via params.yaml
+    return " ".join([f"{optimizer} lr={lr:g} bs={batch_size}", *extra] + ([f"[dvc exp {dvc_exp}]"] if dvc_exp else []))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -71,12 +72,13 @@ class MlflowSweepCallback(Callback):
         if not self.parent_id:
             return
         from mnistlab.report import write_sweep_report
+        from mnistlab.tracking.run import PARENT_ENV
 
         root = Path(config.paths.root) if config.paths.root else project_root()
         out_dirs = [Path(str(config.hydra.sweep.dir))]
         if config.paths.get("sweep_reports_dir"):
             out_dirs.append(resolve(config.paths.sweep_reports_dir, root))
-        status = "FAILED"
+        status, summary = "FAILED", None
         try:
             summary = write_sweep_report(self.client, self.parent_id, out_dirs)
             status = "FINISHED" if summary["finished"] else "FAILED"
@@ -88,5 +90,11 @@ class MlflowSweepCallback(Callback):
             )
         finally:
             self.client.set_terminated(self.parent_id, status)
-            os.environ.pop("MNISTLAB_PARENT_RUN_ID", None)
+            os.environ.pop(PARENT_ENV, None)
             self.parent_id = None
+        if summary is not None and summary["trials"] and not summary["finished"]:
+            # Single failed trials are study outcomes (e.g. a diverging lr) and leave the exit code 0; a sweep
+            # where nothing trained is an error. SystemExit, because Hydra turns callback exceptions into warnings.
+            print(f"error: all {summary['trials']} trials of the sweep failed; see {out_dirs[-1] / 'sweep.csv'} "
+                  f"and each trial's log in {out_dirs[0]}", file=sys.stderr)
+            raise SystemExit(1)

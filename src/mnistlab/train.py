@@ -124,12 +124,14 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Validate `cfg`, train and test the MLP, write metrics.json + curves.csv, track it all in MLflow."""
     validate(cfg)
     import lightning.pytorch as pl
-    import torch
+
+    from mnistlab.logging_setup import quiet_lightning
 
     from mnistlab.callbacks import EpochHistory
     from mnistlab.data.datamodule import MnistDataModule
     from mnistlab.model import MnistMLP
 
+    quiet_lightning()
     hc = _hydra()
     root = Path(cfg.paths.root) if cfg.paths.root else project_root()
     out_dir, reports_dir, ckpt_dir = _dirs(cfg.paths, root, hc)

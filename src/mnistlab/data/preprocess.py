@@ -63,6 +63,8 @@ def preprocess(raw_dir: Path, out_dir: Path, val_size: int, split_seed: int, ver
         "test": (data.x_test, data.y_test),
     }
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):  # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -104,7 +106,13 @@ def load_processed(processed_dir: Path) -> tuple[dict[str, tuple[np.ndarray, np.
             f"(or `python -m mnistlab.data.preprocess`) first."
         )
     meta = json.loads(meta_path.read_text())
-    splits = {s: (np.load(processed_dir / f"x_{s}.npy"), np.load(processed_dir / f"y_{s}.npy")) for s in SPLITS}
+    try:
+        splits = {s: (np.load(processed_dir / f"x_{s}.npy"), np.load(processed_dir / f"y_{s}.npy")) for s in SPLITS}
+    except (OSError, ValueError) as e:
+        raise MnistDataError(
+            f"{processed_dir}/ is incomplete or corrupt ({e}). Re-create it with `dvc repro preprocess` "
+            f"(or `python -m mnistlab.data.preprocess`)."
+        ) from e
     return splits, meta
 
 

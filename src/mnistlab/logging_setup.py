@@ -1,0 +1,23 @@
+"""Route Lightning's console messages through Hydra's logging once (Lightning also attaches its own handler)."""
+
+from __future__ import annotations
+
+import logging
+
+_NOISE = ("litlogger", "LitLogger")
+
+
+class _DropNoise(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(n in str(record.msg) for n in _NOISE)
+
+
+def quiet_lightning() -> None:
+    hydra_owns_root = bool(logging.getLogger().handlers)
+    names = [n for n in list(logging.root.manager.loggerDict) if n.split(".")[0] in ("lightning", "pytorch_lightning", "lightning_fabric")]
+    for name in names:
+        logger = logging.getLogger(name)
+        if hydra_owns_root:  # Hydra configured the root logger: let it print each message once
+            logger.handlers.clear()
+            logger.propagate = True
+        logger.addFilter(_DropNoise())

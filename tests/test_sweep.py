@@ -1,0 +1,153 @@
+"""The optimizer study as real Hydra multiruns: grid expansion, launchers, the parent run, the sweep report."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from conftest import PROJECT_ROOT, cli_env, compose
+from mnistlab.tracking.store import default_tracking_uri
+
+
+def test_study_grid_expands_to_36_trials():
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from mnistlab.paths import CONF_DIR
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose("config", overrides=["sweep=optimizers"], return_hydra_config=True)
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN" and cfg.trainer.max_epochs == 5
+    params = [f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()]
+    (batch,) = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(params), None)
+    jobs = [dict(o.split("=", 1) for o in job) for job in batch]
+    assert len(jobs) == 36
+    assert {j["optimizer"] for j in jobs} == {"sgd", "momentum", "rmsprop"}
+    assert {j["data.batch_size"] for j in jobs} == {"32", "128", "512"}
+    lrs = sorted({float(j["optimizer.lr"]) for j in jobs})
+    assert len(lrs) == 4 and all(b / a == pytest.approx(10) for a, b in zip(lrs, lrs[1:])), "log-spaced"
+    assert len({tuple(sorted(j.items())) for j in jobs}) == 36
+
+
+def _multirun(tmp: Path, processed: Path, grid: list[str], launcher: list[str], timeout=600):
+    args = [
+        sys.executable, "-m", "mnistlab.train", "-m", *launcher, *grid,
+        f"data.processed_dir={processed}", "data.val_size=100", "data.batch_size=32", "data.eval_batch_size=100",
+        "trainer.max_epochs=2", "trainer.log_every_n_steps=4", "callbacks.finite_loss.check_every_n_steps=1",
+        f"paths.root={tmp}", f"paths.mlruns_dir={tmp / 'mlruns'}", f"paths.sweep_reports_dir={tmp / 'reports'}",
+        f"hydra.sweep.dir={tmp / 'multirun'}", "logger.log_model=false",
+        "trainer.enable_progress_bar=false", "callbacks.rich_progress_bar=null",
+    ]
+    return subprocess.run(args, cwd=PROJECT_ROOT, env=cli_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _store(tmp: Path):
+    client = MlflowClient(default_tracking_uri(tmp / "mlruns"))
+    exp = client.get_experiment_by_name("mnistlab")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("mnistlab.sweep") == "true"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, children
+
+
+def _csv(path: Path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", [["launcher=basic"], ["launcher=joblib", "hydra.launcher.n_jobs=2"]], ids=["basic", "joblib"])
+def test_multirun_gives_one_parent_four_children_and_the_report(tmp_path, processed_dir, launcher):
+    proc = _multirun(tmp_path, processed_dir, ["optimizer=sgd,rmsprop", "optimizer.lr=0.001,0.1"], launcher)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client, parents, children = _store(tmp_path)
+    (parent,) = parents
+    assert parent.info.status == "FINISHED"
+    assert len(children) == 4 and {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert len({c.info.run_name for c in children}) == 4, "trial names must be unique"
+    threads = {c.data.tags["mnistlab.torch_threads"] for c in children}
+    assert threads == ({"1"} if "launcher=joblib" in launcher else {str(__import__("os").cpu_count())})
+
+    rows = _csv(tmp_path / "reports" / "sweep.csv")
+    assert len(rows) == 4 and {r["status"] for r in rows} == {"FINISHED"}
+    assert {(r["optimizer"], float(r["lr"])) for r in rows} == {(o, lr) for o in ("sgd", "rmsprop") for lr in (0.001, 0.1)}
+    by_id = {c.info.run_id: c for c in children}
+    for r in rows:
+        assert float(r["test/acc"]) == pytest.approx(by_id[r["run_id"]].data.metrics["test/acc"])
+    best = json.loads((tmp_path / "reports" / "sweep_best.json").read_text())
+    assert best["best"]["test/acc"] == pytest.approx(max(float(r["test/acc"]) for r in rows))
+    assert set(best["per_optimizer"]) == {"sgd", "rmsprop"}
+    assert (tmp_path / "reports" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "multirun" / "sweep.csv").is_file()
+    parent_files = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"sweep.csv", "sweep.png", "sweep_best.json"} <= parent_files
+    assert client.get_run(parent.info.run_id).data.metrics["best/test_acc"] == pytest.approx(best["best"]["test/acc"])
+
+
+@pytest.mark.slow
+def test_failed_trial_is_failed_in_the_report_and_the_others_finish(tmp_path, processed_dir):
+    proc = _multirun(tmp_path, processed_dir, ["optimizer=sgd", "optimizer.lr=0.1,1e30,0.01"], ["launcher=basic"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "NonFiniteLossError" in proc.stderr + proc.stdout
+    rows = {float(r["lr"]): r for r in _csv(tmp_path / "reports" / "sweep.csv")}
+    assert rows[1e30]["status"] == "FAILED" and rows[1e30]["test/acc"] == ""
+    assert rows[0.1]["status"] == rows[0.01]["status"] == "FINISHED"
+    _, (parent,), children = _store(tmp_path)
+    assert parent.info.status == "FINISHED" and not [c for c in children if c.info.status == "RUNNING"]
+
+
+@pytest.mark.slow
+def test_sweep_where_every_trial_fails_exits_nonzero_with_runs_recorded(tmp_path, processed_dir):
+    proc = _multirun(tmp_path, processed_dir, ["optimizer=sgd", "optimizer.lr=-1,-2"], ["launcher=basic"])
+    assert proc.returncode != 0
+    assert "all 2 trials of the sweep failed" in proc.stderr
+    rows = _csv(tmp_path / "reports" / "sweep.csv")
+    assert [r["status"] for r in rows] == ["FAILED", "FAILED"]
+    _, (parent,), _ = _store(tmp_path)
+    assert parent.info.status == "FAILED"
+
+
+@pytest.mark.slow
+def test_submitit_local_runs_two_trials(tmp_path, processed_dir):
+    proc = _multirun(tmp_path, processed_dir, ["optimizer=sgd,rmsprop"], ["launcher=submitit_local"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, (parent,), children = _store(tmp_path)
+    assert len(children) == 2 and all(c.info.status == "FINISHED" for c in children)
+    assert {c.data.tags["mnistlab.torch_threads"] for c in children} == {"1"}
+    assert len(_csv(tmp_path / "reports" / "sweep.csv")) == 2
+
+
+def test_report_cli_rebuilds_the_latest_sweep(tmp_path, processed_dir):
+    """mnistlab-report reads a sweep back from MLflow (here one made by the callback's own functions)."""
+    from mnistlab.report import main as report_main
+    from mnistlab.train import train
+    from mnistlab.tracking.run import PARENT_TAG
+    from mnistlab.tracking.store import ensure_experiment
+
+    uri = default_tracking_uri(tmp_path / "mlruns")
+    exp = ensure_experiment(uri, "mnistlab", tmp_path / "mlruns")
+    client = MlflowClient(uri)
+    parent = client.create_run(exp, run_name="sweep", tags={"mnistlab.sweep": "true"})
+    from conftest import fast_overrides
+
+    import os
+    os.environ["MNISTLAB_PARENT_RUN_ID"] = parent.info.run_id
+    try:
+        for opt in ("sgd", "momentum"):
+            train(compose(fast_overrides(tmp_path, processed_dir, epochs=1) + [f"optimizer={opt}", "logger.log_model=false"]))
+    finally:
+        os.environ.pop("MNISTLAB_PARENT_RUN_ID")
+    report_main(["--tracking-uri", uri, "--out", str(tmp_path / "rep")])
+    rows = _csv(tmp_path / "rep" / "sweep.csv")
+    assert sorted(r["optimizer"] for r in rows) == ["momentum", "sgd"]
+    assert all(client.get_run(r["run_id"]).data.tags[PARENT_TAG] == parent.info.run_id for r in rows)
+    assert json.loads((tmp_path / "rep" / "sweep_best.json").read_text())["finished"] == 2
