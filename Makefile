@@ -9,9 +9,8 @@ MNIST_DIR ?=
 PYTEST_ARGS ?=
 UI_HOST ?= 127.0.0.1
 UI_PORT ?= 5000
-SWEEP_ARGS ?=
 
-.PHONY: setup repro test test-fast ui sweep bench params clean-stale
+.PHONY: setup repro mirror test test-fast ui sweep bench params clean-stale
 
 setup: $(STAMP)
 
@@ -23,11 +22,15 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 # MNIST_DIR=/dir points the `mnist-source` DVC remote at a local mirror (git-ignored .dvc/config.local).
-repro: setup
+# params.yaml is regenerated from conf/ first, so an edit in conf/ is what `dvc repro` sees.
+repro: setup mirror
+	$(BIN)/python -m mnistlab.params
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro || { $(BIN)/python -m mnistlab.data.hints; exit 1; }
+
+mirror:
 ifneq ($(MNIST_DIR),)
 	$(BIN)/dvc remote modify --local mnist-source url "$(abspath $(MNIST_DIR))"
 endif
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 
 test: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -40,8 +43,10 @@ ui: setup
 	$(BIN)/mlflow ui --backend-store-uri "sqlite:///$(abspath mlruns)/mlflow.db" \
 	  --default-artifact-root "$(abspath mlruns)/artifacts" --host $(UI_HOST) --port $(UI_PORT)
 
-sweep: setup
-	$(BIN)/mnistlab-train sweep=optimizers $(SWEEP_ARGS)
+# The optimizer study through DVC (study/dvc.yaml): 36 trials on 2 joblib workers, report in reports/sweep.*
+sweep: setup mirror
+	$(BIN)/python -m mnistlab.params
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro study/dvc.yaml || { $(BIN)/python -m mnistlab.data.hints; exit 1; }
 
 bench: setup
 	$(BIN)/python benchmarks/epoch_speed.py

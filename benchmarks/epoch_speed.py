@@ -1,0 +1,540 @@
+"""Seconds per training epoch of the book's MLP on real MNIST, three ways, in ONE process on the same data.
+
+Model 784-512(relu)-10, cross-entropy, RMSprop lr 1e-3 (alpha 0.9, eps 1e-7: Keras' defaults, as in
+conf/optimizer/rmsprop.yaml), torch intra-op threads = all cores (os.cpu_count()).
+
+  (a) torchvision   the seed notebook's pipeline: torchvision.datasets.MNIST(train=True, transform=ToTensor())
+                    + DataLoader(shuffle=True, num_workers=0) + flatten + a plain Python loop
+                    (nn.CrossEntropyLoss, RMSprop, running loss via loss.item()); batch 64 and 128; one epoch is
+                    torchvision's 60k training set, so its time is ALSO given normalized to 55k samples.
+  (b) floor         forward + backward + step on batches already made as float tensors in memory (a list of
+                    (x, y) slices built before timing): the least an epoch of this model can cost here.
+  (c) mnistlab      mnistlab.train.train(cfg) (Lightning Trainer.fit on device-resident batches) with conf/
+                    composed like the CLI: MLflow logging on (default log_every_n_steps=50), plus two variants:
+                    logger=none (isolates MLflow's per-epoch cost) and MLflow + trainer.log_every_n_steps=1
+                    (what per-step logging costs). An epoch here INCLUDES the validation loop (5k images) and
+                    the checkpoint save that follow each training epoch. End-of-run work (test, plots, model
+                    logging) is outside the epoch times (plots/log_model are turned off anyway).
+
+Timing: every variant is warmed up before its timed epochs ((a)/(b): --warmup-batches untimed steps; (c): the
+first epoch of the fit is discarded, so a fit runs --epochs + 1 epochs and per-epoch times come from a small
+callback that stamps each epoch start and the end of training). fit_seconds / epochs, the number mnistlab itself
+reports (it includes Trainer set-up, the sanity-check validation and the first epoch), is shown too.
+
+Targets (batch 128, per epoch over 55k samples):
+  c / b <= 1.25   mnistlab's epoch (MLflow on, validation included) within 25% of the floor
+  a / c >= 6      mnistlab at least 6x faster than the notebook pipeline (a normalized to 55k samples)
+
+Peak RSS is the process high-water mark (ru_maxrss): it only grows, so it is read after each phase and the
+growth per phase is reported; "rss now" is the current resident set (psutil) after the phase.
+
+Results: a table on stdout and benchmarks/results/epoch_speed.json (--quick: epoch_speed_quick.json).
+
+    .venv/bin/python benchmarks/epoch_speed.py                 # full: several minutes on 2 cores
+    .venv/bin/python benchmarks/epoch_speed.py --epochs 3
+    .venv/bin/python benchmarks/epoch_speed.py --quick         # seconds; checks the script, not a benchmark
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import logging
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT / "data" / "processed"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+N_REF = 55000  # samples in mnistlab's training split: every per-epoch comparison is normalized to it
+IDX_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+TARGET_C_OVER_B = 1.25
+TARGET_A_OVER_C = 6.0
+QUICK_BATCHES = 20
+
+# The book's optimizers as the project configures them (conf/optimizer/*.yaml defaults).
+OPTIMIZERS = {
+    "rmsprop": ("RMSprop", {"lr": 1e-3, "alpha": 0.9, "eps": 1e-7}),
+    "sgd": ("SGD", {"lr": 0.01}),
+    "momentum": ("SGD", {"lr": 0.01, "momentum": 0.9}),
+}
+
+
+# ---------------------------------------------------------------- shared helpers (sweep_speed.py imports these)
+
+def fail(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_processed(data_dir: Path) -> Path:
+    data_dir = Path(data_dir).resolve()
+    needed = ["meta.json"] + [f"{a}_{s}.npy" for a in "xy" for s in ("train", "val", "test")]
+    missing = [n for n in needed if not (data_dir / n).is_file()]
+    if missing:
+        fail(
+            f"no processed MNIST in {data_dir} (missing: {', '.join(missing)}).\n"
+            f"  run `make repro MNIST_DIR=/path/to/mnist` first (or pass --data-dir)."
+        )
+    return data_dir
+
+
+def load_train_arrays(data_dir: Path):
+    import numpy as np
+
+    return np.load(data_dir / "x_train.npy"), np.load(data_dir / "y_train.npy")
+
+
+def build_mlp():
+    from torch import nn
+
+    return nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 10))
+
+
+def make_optimizer(name: str, params, lr: float | None = None):
+    import torch
+
+    cls, kwargs = OPTIMIZERS[name]
+    kwargs = dict(kwargs, **({"lr": lr} if lr is not None else {}))
+    return getattr(torch.optim, cls)(params, **kwargs)
+
+
+def floor_batches(x_u8, y_u8, batch_size: int, seed: int = 0) -> list:
+    """The training split as float [0, 1] tensors, shuffled once, cut into (x, y) batch slices."""
+    import torch
+
+    n = y_u8.shape[0]
+    x = torch.from_numpy(x_u8).reshape(n, -1).float().div_(255.0)
+    y = torch.from_numpy(y_u8).long()
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    x, y = x[perm].contiguous(), y[perm].contiguous()
+    return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, n, batch_size)]
+
+
+def time_floor(batches: list, optimizer: str = "rmsprop", epochs: int = 1, warmup_batches: int = 50,
+               max_batches: int | None = None) -> dict:
+    """Forward + backward + step over pre-made batches; one timed pass over `batches` per epoch."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model, loss_fn = build_mlp(), nn.CrossEntropyLoss()
+    opt = make_optimizer(optimizer, model.parameters())
+    timed = batches[:max_batches] if max_batches else batches
+
+    def step(x, y):
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        opt.step()
+
+    for i in range(warmup_batches):
+        step(*batches[i % len(batches)])
+    times = []
+    for _ in range(epochs):
+        t0 = time.perf_counter()
+        for x, y in timed:
+            step(x, y)
+        times.append(time.perf_counter() - t0)
+    return {"epoch_seconds": times, "samples_per_epoch": sum(int(y.shape[0]) for _, y in timed),
+            "batches_per_epoch": len(timed)}
+
+
+def peak_rss_mb() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return r / 1024 / (1024 if sys.platform == "darwin" else 1)
+
+
+def rss_now_mb() -> float | None:
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**20
+    except ImportError:
+        return None
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment() -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "host": platform.node(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "git": git_commit(),
+    }
+
+
+def write_json(payload: dict, name: str, out: Path | None) -> Path:
+    path = Path(out) if out else RESULTS_DIR / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "MISS"
+
+
+# ---------------------------------------------------------------- (a) the notebook's torchvision pipeline
+
+def find_raw_idx(raw_dir: Path | None) -> Path | None:
+    candidates = [raw_dir] if raw_dir else [
+        Path(os.environ["MNISTLAB_SHARED_MNIST"]) if os.environ.get("MNISTLAB_SHARED_MNIST") else None,
+        ROOT.parent / "shared" / "mnist",
+        ROOT / "data" / "raw",
+    ]
+    for c in candidates:
+        if c and all((c / s).is_file() or (c / f"{s}.gz").is_file() for s in IDX_STEMS):
+            return c
+    return None
+
+
+def torchvision_root(raw: Path, tmp: Path) -> Path:
+    """<tmp>/MNIST/raw/ with the four IDX files decompressed: torchvision's MNIST._check_exists looks for the
+    decompressed names and download=False never extracts the .gz itself."""
+    dest = tmp / "MNIST" / "raw"
+    dest.mkdir(parents=True, exist_ok=True)
+    for stem in IDX_STEMS:
+        if (raw / stem).is_file():
+            shutil.copyfile(raw / stem, dest / stem)
+        else:
+            with gzip.open(raw / f"{stem}.gz", "rb") as src, open(dest / stem, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+    return tmp
+
+
+def time_torchvision(root: Path, batch_size: int, epochs: int, warmup_batches: int,
+                     max_batches: int | None = None) -> dict:
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader
+    from torchvision import datasets, transforms
+
+    torch.manual_seed(0)
+    ds = datasets.MNIST(str(root), train=True, transform=transforms.ToTensor(), download=False)
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=0)
+    model, loss_fn = build_mlp(), nn.CrossEntropyLoss()
+    opt = make_optimizer("rmsprop", model.parameters())
+
+    def run(limit):
+        running, seen = 0.0, 0
+        for i, (x, y) in enumerate(loader):
+            if limit is not None and i >= limit:
+                break
+            x = x.view(x.size(0), -1)
+            opt.zero_grad()
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            opt.step()
+            running += loss.item()
+            seen += y.shape[0]
+        return seen
+
+    run(warmup_batches)
+    times, samples = [], 0
+    for _ in range(epochs):
+        t0 = time.perf_counter()
+        samples = run(max_batches)
+        times.append(time.perf_counter() - t0)
+    return {"epoch_seconds": times, "samples_per_epoch": samples, "dataset_size": len(ds)}
+
+
+# ---------------------------------------------------------------- (c) mnistlab's train()
+
+try:
+    import lightning.pytorch as _pl
+
+    class EpochTimer(_pl.Callback):
+        """Stamps each training epoch's start and the end of training; train() builds it from the config
+        (+callbacks.epoch_timer._target_=...), so each instance registers itself where the benchmark finds it."""
+
+        instances: list["EpochTimer"] = []
+
+        def __init__(self):
+            self.starts: list[float] = []
+            self.samples: list[int] = []
+            self.val: list[float] = []
+            self.end: float | None = None
+            self.end_samples = 0
+            self._v0 = 0.0
+            EpochTimer.instances.append(self)
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            self.starts.append(time.perf_counter())
+            self.samples.append(int(getattr(pl_module, "samples_seen", 0)))
+
+        def on_validation_start(self, trainer, pl_module):
+            self._v0 = time.perf_counter()
+
+        def on_validation_end(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                self.val.append(time.perf_counter() - self._v0)
+
+        def on_train_end(self, trainer, pl_module):
+            self.end = time.perf_counter()
+            self.end_samples = int(getattr(pl_module, "samples_seen", 0))
+
+        def epochs(self) -> list[tuple[float, int]]:
+            """(seconds, training samples) of every finished epoch: start to next start, the last to train end."""
+            bounds = self.starts + [self.end]
+            counts = self.samples + [self.end_samples]
+            return [(bounds[i + 1] - bounds[i], counts[i + 1] - counts[i]) for i in range(len(self.starts))]
+except ImportError:  # pragma: no cover - lightning is a project dependency
+    EpochTimer = None
+
+
+def compose(overrides: list[str]):
+    """conf/ composed exactly like `python -m mnistlab.train` does (as tests/conftest.py's compose)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from mnistlab.paths import CONF_DIR
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return hydra_compose("config", overrides=overrides)
+
+
+def time_mnistlab(data_dir: Path, tmp: Path, name: str, extra: list[str], epochs: int, threads: int,
+                  quick: bool) -> dict:
+    from mnistlab.train import train
+
+    base = tmp / name
+    overrides = [
+        f"data.processed_dir={data_dir}",
+        "data.batch_size=128",
+        "optimizer=rmsprop",
+        f"trainer.max_epochs={epochs + 1}",  # the first epoch is the warm-up and is discarded
+        "trainer.enable_progress_bar=false",
+        "callbacks.rich_progress_bar=null",
+        "logger.log_model=false",
+        "logger.plots=false",
+        f"paths.root={base}",
+        f"paths.output_dir={base / 'out'}",
+        f"paths.mlruns_dir={base / 'mlruns'}",
+        f"paths.sweep_reports_dir={base / 'reports'}",
+        f"num_threads={threads}",
+        f"+callbacks.epoch_timer._target_={EpochTimer.__module__}.EpochTimer",
+        *extra,
+    ]
+    if quick:
+        overrides += [f"trainer.limit_train_batches={QUICK_BATCHES}", "trainer.limit_val_batches=2",
+                      "trainer.limit_test_batches=1"]
+    EpochTimer.instances.clear()
+    metrics = train(compose(overrides))
+    timer = EpochTimer.instances[-1]
+    per_epoch = timer.epochs()
+    timed = per_epoch[1:] or per_epoch
+    return {
+        "epoch_seconds": [s for s, _ in timed],
+        "samples_per_epoch": timed[-1][1],
+        "validation_seconds": timer.val[1:] or timer.val,
+        "warmup_epoch_seconds": per_epoch[0][0],
+        "fit_seconds": metrics["fit_seconds"],
+        "epochs": metrics["epochs"],
+        "fit_seconds_per_epoch": metrics["fit_seconds"] / max(1, metrics["epochs"]),
+        "test_acc": metrics["test/acc"],
+        "overrides": extra,
+    }
+
+
+# ---------------------------------------------------------------- the benchmark
+
+def summarize(row: dict) -> dict:
+    secs = row["epoch_seconds"]
+    mean = statistics.fmean(secs)
+    n = row["samples_per_epoch"]
+    row.update({
+        "seconds_per_epoch": mean,
+        "seconds_per_epoch_min": min(secs),
+        "samples_per_second": n / mean,
+        "seconds_per_epoch_55k": mean * N_REF / n,
+    })
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help=f"{QUICK_BATCHES} batches per 'epoch', 1 epoch: checks the script runs")
+    ap.add_argument("--epochs", type=int, default=2, help="timed epochs per variant (default 2; after warm-up)")
+    ap.add_argument("--warmup-batches", type=int, default=50, help="untimed steps before (a) and (b) (default 50)")
+    ap.add_argument("--data-dir", type=Path, default=DEFAULT_DATA, help=f"processed splits (default {DEFAULT_DATA})")
+    ap.add_argument("--raw-dir", type=Path, default=None,
+                    help="folder with the four MNIST IDX files (.gz or not) for (a); default $MNISTLAB_SHARED_MNIST, "
+                         "../shared/mnist, data/raw")
+    ap.add_argument("--skip-torchvision", action="store_true", help="leave out (a)")
+    ap.add_argument("--json", type=Path, default=None, help="where to write the results (default benchmarks/results/)")
+    args = ap.parse_args(argv)
+
+    data_dir = check_processed(args.data_dir)
+    raw = None if args.skip_torchvision else find_raw_idx(args.raw_dir)
+    if not args.skip_torchvision and raw is None:
+        fail("(a) needs the raw MNIST IDX files (train-images-idx3-ubyte[.gz] ...): pass --raw-dir DIR "
+             "or --skip-torchvision.")
+    epochs = 1 if args.quick else args.epochs
+    warmup = 5 if args.quick else args.warmup_batches
+    max_batches = QUICK_BATCHES if args.quick else None
+
+    warnings.filterwarnings("ignore", module="lightning")
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    import torch
+
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(cores)
+    env = environment()
+    print(f"epoch_speed: {env['cpu']}, {cores} cores, torch {env['torch']} ({torch.get_num_threads()} threads), "
+          f"git {env['git']}")
+    print(f"data: {data_dir}" + (f"; torchvision IDX from {raw}" if raw else ""))
+    if args.quick:
+        print(f"QUICK MODE: {QUICK_BATCHES} batches per 'epoch', {epochs} epoch; the numbers are extrapolated and "
+              f"mean nothing, this only checks that the script runs.")
+
+    rows: list[dict] = []
+    rss_prev = peak_rss_mb()
+    rss_start = rss_prev
+
+    def record(row: dict) -> None:
+        nonlocal rss_prev
+        peak = peak_rss_mb()
+        row.update({"peak_rss_mb": peak, "peak_rss_growth_mb": peak - rss_prev, "rss_now_mb": rss_now_mb()})
+        rss_prev = peak
+        rows.append(summarize(row))
+        print(f"  {row['variant']:<34} {row['seconds_per_epoch_55k']:8.3f} s/epoch@55k  "
+              f"{row['samples_per_second']:9.0f} samples/s", flush=True)
+
+    x_u8, y_u8 = load_train_arrays(data_dir)
+    tmp = Path(tempfile.mkdtemp(prefix="mnistlab-epoch-speed-"))
+    try:
+        print("(b) floor ...", flush=True)
+        batches = floor_batches(x_u8, y_u8, 128)
+        r = time_floor(batches, "rmsprop", epochs, warmup, max_batches)
+        record({"variant": "b floor bs128", "key": "b", "batch_size": 128, **r})
+
+        if raw is not None:
+            root = torchvision_root(raw, tmp / "torchvision")
+            for bs in (64, 128):
+                print(f"(a) torchvision bs{bs} ...", flush=True)
+                r = time_torchvision(root, bs, epochs, warmup, max_batches)
+                record({"variant": f"a torchvision bs{bs}", "key": f"a{bs}", "batch_size": bs, **r})
+            shutil.rmtree(tmp / "torchvision", ignore_errors=True)
+
+        threads = cores
+        for key, label, extra in [
+            ("c", "c mnistlab mlflow (every 50 steps)", []),
+            ("c_nolog", "c mnistlab logger=none", ["logger=none"]),
+            ("c_step1", "c mnistlab mlflow every step", ["trainer.log_every_n_steps=1"]),
+        ]:
+            print(f"({key}) {label} ...", flush=True)
+            r = time_mnistlab(data_dir, tmp, key, extra, epochs, threads, args.quick)
+            record({"variant": label, "key": key, "batch_size": 128, **r})
+
+        print("(b) floor re-check after (c) ...", flush=True)
+        torch.set_num_threads(cores)
+        det = torch.are_deterministic_algorithms_enabled()
+        r = time_floor(batches, "rmsprop", epochs, warmup, max_batches)
+        record({"variant": "b floor bs128 (re-check)", "key": "b_recheck", "batch_size": 128,
+                "deterministic_algorithms": det, **r})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    by = {r["key"]: r for r in rows}
+    b = by["b"]["seconds_per_epoch_55k"]
+    c = by["c"]["seconds_per_epoch_55k"]
+    ratios = {
+        "c_over_b": {"value": c / b, "target": f"<= {TARGET_C_OVER_B}", "pass": c / b <= TARGET_C_OVER_B,
+                     "uses": "c = mnistlab, MLflow on, batch 128, epoch incl. validation; b = floor batch 128"},
+        "c_train_only_over_b": {
+            "value": (c - statistics.fmean(by["c"]["validation_seconds"] or [0.0]) * N_REF / by["c"]["samples_per_epoch"]) / b,
+            "uses": "as c_over_b, with c's validation loop time taken out (information only)"},
+        "c_nolog_over_b": {"value": by["c_nolog"]["seconds_per_epoch_55k"] / b, "uses": "logger=none vs floor"},
+        "c_step1_over_c": {"value": by["c_step1"]["seconds_per_epoch_55k"] / c,
+                           "uses": "MLflow every step vs every 50 steps"},
+        "mlflow_seconds_per_epoch": {"value": c - by["c_nolog"]["seconds_per_epoch_55k"],
+                                     "uses": "c (MLflow on) minus c logger=none, s/epoch@55k"},
+        "floor_drift": {"value": by["b_recheck"]["seconds_per_epoch_55k"] / b,
+                        "uses": "floor re-measured after (c) / floor before: machine noise indicator"},
+    }
+    if "a128" in by:
+        a = by["a128"]["seconds_per_epoch_55k"]
+        ratios["a_over_c"] = {"value": a / c, "target": f">= {TARGET_A_OVER_C}", "pass": a / c >= TARGET_A_OVER_C,
+                              "uses": "a = torchvision batch 128 normalized to 55k samples (per-sample time x 55000); "
+                                      "c = mnistlab, MLflow on, batch 128, per 55k-sample epoch incl. validation"}
+        ratios["a64_over_c"] = {"value": by["a64"]["seconds_per_epoch_55k"] / c, "uses": "as a_over_c, a at batch 64"}
+
+    # ---- report
+    print()
+    print(f"{'variant':<36}{'batch':>6}{'samples':>9}{'s/epoch':>10}{'s/ep@55k':>10}{'samples/s':>11}"
+          f"{'peak RSS':>10}{'growth':>9}{'RSS now':>9}")
+    for r in rows:
+        now = f"{r['rss_now_mb']:.0f}" if r["rss_now_mb"] is not None else "-"
+        print(f"{r['variant']:<36}{r['batch_size']:>6}{r['samples_per_epoch']:>9}{r['seconds_per_epoch']:>10.3f}"
+              f"{r['seconds_per_epoch_55k']:>10.3f}{r['samples_per_second']:>11.0f}{r['peak_rss_mb']:>9.0f}M"
+              f"{r['peak_rss_growth_mb']:>+8.0f}M{now:>8}M")
+    print(f"(RSS in MiB; process peak before any phase: {rss_start:.0f}M. s/epoch = measured epoch over 'samples'; "
+          f"s/ep@55k = per-sample time x {N_REF}.)")
+    for key in ("c", "c_nolog", "c_step1"):
+        r = by[key]
+        val = statistics.fmean(r["validation_seconds"]) if r["validation_seconds"] else float("nan")
+        print(f"  {r['variant']}: per epoch {r['seconds_per_epoch']:.3f}s of which validation loop {val:.3f}s; "
+              f"mnistlab's own fit_seconds/epochs = {r['fit_seconds']:.2f}/{r['epochs']} = "
+              f"{r['fit_seconds_per_epoch']:.3f}s (incl. set-up, sanity check and the warm-up epoch "
+              f"{r['warmup_epoch_seconds']:.3f}s)")
+    print()
+    for name, d in ratios.items():
+        tgt = f"  target {d['target']}: {verdict(d['pass'])}" if "target" in d else ""
+        print(f"{name:<26}{d['value']:8.3f}{tgt}    [{d['uses']}]")
+    if "a_over_c" not in ratios:
+        print("a_over_c: not measured (--skip-torchvision)")
+    if abs(ratios["floor_drift"]["value"] - 1) > 0.10:
+        print("WARNING: the floor moved by more than 10% between the start and the end: the machine was busy or "
+              "throttling; rerun before trusting the ratios.")
+    if args.quick:
+        print("QUICK MODE: not a measurement (tiny, extrapolated); run without --quick for real numbers.")
+
+    payload = {
+        "benchmark": "epoch_speed",
+        "quick": args.quick,
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "environment": {**env, "torch_threads": cores},
+        "normalized_samples": N_REF,
+        "variants": rows,
+        "ratios": ratios,
+    }
+    path = write_json(payload, "epoch_speed_quick.json" if args.quick else "epoch_speed.json", args.json)
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
