@@ -9,6 +9,7 @@ MNIST_DIR ?=
 PYTEST_ARGS ?=
 UI_HOST ?= 127.0.0.1
 UI_PORT ?= 5000
+MLRUNS ?= mlruns
 
 .PHONY: setup repro mirror test test-fast ui sweep bench params clean-stale
 
@@ -40,8 +41,9 @@ test-fast: setup
 
 # The MLflow UI over the project's store, on loopback unless UI_HOST says otherwise.
 ui: setup
-	$(BIN)/mlflow ui --backend-store-uri "sqlite:///$(abspath mlruns)/mlflow.db" \
-	  --default-artifact-root "$(abspath mlruns)/artifacts" --host $(UI_HOST) --port $(UI_PORT)
+	@mkdir -p "$(MLRUNS)"
+	$(BIN)/mlflow ui --backend-store-uri "sqlite:///$(abspath $(MLRUNS))/mlflow.db" \
+	  --default-artifact-root "$(abspath $(MLRUNS))/artifacts" --host $(UI_HOST) --port $(UI_PORT)
 
 # The optimizer study through DVC (study/dvc.yaml): 36 trials on 2 joblib workers, report in reports/sweep.*
 sweep: setup mirror

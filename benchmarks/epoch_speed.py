@@ -192,7 +192,21 @@ def environment() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "git": git_commit(),
+        "loadavg_1m_at_start": warn_if_busy(),
     }
+
+
+def warn_if_busy() -> float | None:
+    """The 1-minute load average; a warning when something else is using the cores (timings would be noise:
+    torch's OpenMP threads slow down many times over when they share 2 cores with another busy process)."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return None
+    if load > 0.5:
+        print(f"WARNING: load average {load:.2f} before starting: another process is using the CPU; the timings "
+              f"will be unreliable. Run the benchmarks alone.", flush=True)
+    return load
 
 
 def write_json(payload: dict, name: str, out: Path | None) -> Path:
@@ -402,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         fail("(a) needs the raw MNIST IDX files (train-images-idx3-ubyte[.gz] ...): pass --raw-dir DIR "
              "or --skip-torchvision.")
     epochs = 1 if args.quick else args.epochs
-    warmup = 5 if args.quick else args.warmup_batches
+    warmup = 20 if args.quick else args.warmup_batches
     max_batches = QUICK_BATCHES if args.quick else None
 
     warnings.filterwarnings("ignore", module="lightning")
@@ -436,8 +450,11 @@ def main(argv: list[str] | None = None) -> int:
     x_u8, y_u8 = load_train_arrays(data_dir)
     tmp = Path(tempfile.mkdtemp(prefix="mnistlab-epoch-speed-"))
     try:
-        print("(b) floor ...", flush=True)
         batches = floor_batches(x_u8, y_u8, 128)
+        # Process warm-up, discarded: a fresh process's first few dozen steps are many times slower (allocator,
+        # oneDNN kernels, page faults), and whichever phase ran first would pay for it.
+        time_floor(batches, "rmsprop", 1, warmup, max_batches=1)
+        print("(b) floor ...", flush=True)
         r = time_floor(batches, "rmsprop", epochs, warmup, max_batches)
         record({"variant": "b floor bs128", "key": "b", "batch_size": 128, **r})
 

@@ -158,10 +158,11 @@ def _post(url: str, body: dict):
 def test_mlflow_server_serves_runs_and_metric_histories(finished_run):
     tmp, client, run, metrics = finished_run
     port = _free_port()
+    # `make ui` as the README gives it (mlflow ui on loopback over the project's store), pointed at this store
     server = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--backend-store-uri", default_tracking_uri(tmp / "mlruns"),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        ["make", "-o", "setup", "ui", f"MLRUNS={tmp / 'mlruns'}", f"UI_PORT={port}", f"VENV={BIN.parent}"],
+        cwd=PROJECT_ROOT, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -183,6 +184,10 @@ def test_mlflow_server_serves_runs_and_metric_histories(finished_run):
         assert served["test/acc"] == pytest.approx(metrics["test/acc"])
         page = urllib.request.urlopen(f"{base}/", timeout=10).read().decode()
         assert "<html" in page.lower()
+        import psutil
+
+        bound = {c.laddr.ip for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port}
+        assert bound == {"127.0.0.1"}, f"make ui must bind loopback only, bound {bound}"
     finally:
-        server.terminate()
+        os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
