@@ -106,14 +106,16 @@ def test_non_finite_loss_ends_failed_with_the_error(tmp_path, processed_dir):
     assert not (tmp_path / "out" / "metrics.json").exists()
 
 
-def test_interrupt_ends_killed(tmp_path, processed_dir):
+@pytest.mark.parametrize("signum, error", [(signal.SIGINT, "KeyboardInterrupt"), (signal.SIGTERM, "SIGTERMException")])
+def test_interrupt_or_sigterm_ends_killed(tmp_path, processed_dir, signum, error):
     overrides = fast_overrides(tmp_path, processed_dir, epochs=3) + [
-        "+callbacks.interrupt._target_=test_train.SigintAtEpoch", "+callbacks.interrupt.epoch=1"]
+        "+callbacks.interrupt._target_=test_train.SigintAtEpoch", "+callbacks.interrupt.epoch=1",
+        f"+callbacks.interrupt.signum={int(signum)}"]
     with pytest.raises(SystemExit):
         train(compose(overrides))
     (run,) = _runs(_client(tmp_path))
     assert run.info.status == "KILLED"
-    assert "KeyboardInterrupt" in run.data.tags["mnistlab.error"]
+    assert error in run.data.tags["mnistlab.error"]
     assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
 
 

@@ -17,14 +17,14 @@ from mnistlab.train import train
 
 
 class SigintAtEpoch(pl.Callback):
-    """Sends this process a real SIGINT at the start of the given epoch (what Ctrl-C does)."""
+    """Sends this process a real signal (SIGINT: what Ctrl-C does) at the start of the given epoch."""
 
-    def __init__(self, epoch: int):
-        self.epoch = epoch
+    def __init__(self, epoch: int, signum: int = int(signal.SIGINT)):
+        self.epoch, self.signum = epoch, signum
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.current_epoch == self.epoch and batch_idx == 0:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), self.signum)
 
 
 def _curves(path):
