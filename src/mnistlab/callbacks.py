@@ -46,15 +46,21 @@ class FiniteLossGuard(pl.Callback):
 
 
 class EpochHistory(pl.Callback):
-    """One row per finished epoch of train/val loss and accuracy (for curves.csv and curves.png)."""
+    """One row per finished epoch of train/val loss and accuracy (for curves.csv and curves.png).
+
+    Lightning runs this hook before the LightningModule's on_train_epoch_end (where the train metrics are
+    logged and reset), so the train values are read from the module's metric objects, the val values from
+    what validation logged; it runs before ModelCheckpoint saves, so a resumed run keeps its rows.
+    """
 
     def __init__(self):
         self.rows: list[dict[str, float]] = []
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         m = trainer.callback_metrics
-        row = {"epoch": trainer.current_epoch + 1}
-        row.update({k: float(m[k]) for k in CURVE_KEYS if k in m})
+        row = {"epoch": trainer.current_epoch + 1,
+               "train/loss": float(pl_module.train_loss.compute()), "train/acc": float(pl_module.train_acc.compute())}
+        row.update({k: float(m[k]) for k in CURVE_KEYS if k.startswith("val/") and k in m})
         self.rows.append(row)
 
     def state_dict(self):

@@ -57,13 +57,18 @@ class MnistMLP(pl.LightningModule):
         logits = self(x)
         loss = self.loss_fn(logits, y)
         self.samples_seen += y.shape[0]
-        self.train_loss.update(loss)
-        self.train_acc.update(logits, y)
-        self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
-        # Metric objects: Lightning computes and resets them at epoch end, before callbacks read them.
-        self.log("train/loss", self.train_loss, on_step=False, on_epoch=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        self.train_loss.update(loss.detach())
+        self.train_acc.update(logits.detach(), y)
+        # self.log costs more per call than this MLP's step; call it only on the steps the logger writes.
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+            self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        self.log("train/loss", self.train_loss.compute())
+        self.log("train/acc", self.train_acc.compute())
+        self.train_loss.reset()
+        self.train_acc.reset()
 
     def _eval_step(self, batch, loss_metric, acc_metric):
         x, y = batch

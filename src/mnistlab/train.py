@@ -168,7 +168,7 @@ def _fit_and_test(cfg, tracked, model, dm, meta, history, overrides, threads, ou
     import hydra
 
     with tracked as run:
-        callbacks = build_callbacks(cfg.callbacks, ckpt_dir, cfg.trainer.enable_progress_bar) + [history]
+        callbacks = [history] + build_callbacks(cfg.callbacks, ckpt_dir, cfg.trainer.enable_progress_bar)
         logger = False
         if run is not None:
             callbacks.append(run.callback())
@@ -255,8 +255,9 @@ def _log_results(run, cfg, model, dm, rows, metrics, test_metrics, ckpt_cb, step
             "confusion_matrix.png": plots.confusion_figure(model.test_confusion.compute().cpu().numpy()),
         }
         x_test, y_test = dm.split("test")
+        n = model.test_predictions.shape[0]  # fewer than the split when trainer.limit_test_batches is set
         figures["misclassified.png"] = plots.misclassified_figure(
-            x_test.cpu(), model.test_predictions, y_test.cpu(), cfg.logger.misclassified_max
+            x_test[:n].cpu(), model.test_predictions, y_test[:n].cpu(), cfg.logger.misclassified_max
         )
         for name, fig in figures.items():
             run.log_figure(fig, name)

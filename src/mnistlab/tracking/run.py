@@ -28,10 +28,14 @@ MAX_TAG_CHARS = 5000
 
 
 class RunOwnedMLFlowLogger(MLFlowLogger):
-    """MLFlowLogger writing into a run it did not create; finalize() flushes but leaves the status alone."""
+    """MLFlowLogger writing into a run it did not create; finalize() leaves the status to TrackedRun.
+
+    Not even a flush here: Lightning calls finalize after fit and after test, and each async flush waits on
+    MLflow's queue poll (up to ~1 s); TrackedRun flushes once when the run ends.
+    """
 
     def finalize(self, status: str = "success") -> None:
-        flush_async(self._tracking_uri)
+        pass
 
 
 @contextmanager
