@@ -16,6 +16,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -28,14 +29,38 @@ MAX_TAG_CHARS = 5000
 
 
 class RunOwnedMLFlowLogger(MLFlowLogger):
-    """MLFlowLogger writing into a run it did not create; finalize() leaves the status to TrackedRun.
+    """MLFlowLogger writing into a run it did not create, in batches; finalize() leaves the status to TrackedRun.
 
-    Not even a flush here: Lightning calls finalize after fit and after test, and each async flush waits on
-    MLflow's queue poll (up to ~1 s); TrackedRun flushes once when the run ends.
+    Per-step metrics are buffered and written with the next epoch-level metrics in one log_batch: each write is
+    a SQLite transaction, and one per logging step cost ~0.3 s per MNIST epoch (a fifth of it) in benchmarks.
     """
 
+    MAX_PENDING = 500  # MLflow accepts up to 1000 metrics per log_batch
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._pending: list = []
+
+    @rank_zero_only
+    def log_metrics(self, metrics, step=None) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        self._pending += [Metric(k, float(v), ts, step or 0) for k, v in metrics.items() if not isinstance(v, str)]
+        epoch_level = any(k != "epoch" and not k.endswith("_step") for k in metrics)
+        if epoch_level or len(self._pending) >= self.MAX_PENDING:
+            self.flush()
+
+    @rank_zero_only
+    def flush(self) -> None:
+        if self._pending:
+            self.experiment.log_batch(run_id=self.run_id, metrics=self._pending, **self._log_batch_kwargs)
+            self._pending = []
+
     def finalize(self, status: str = "success") -> None:
-        pass
+        self.flush()
 
 
 @contextmanager
