@@ -87,19 +87,24 @@ def sweep_figure(rows: list[dict], summary: dict, client):
     colors = {"sgd": "tab:blue", "momentum": "tab:orange", "rmsprop": "tab:green", "adam": "tab:red"}
     styles = ["-o", "--s", ":^", "-.d"]
     sizes = sorted({r["batch_size"] for r in rows if r["batch_size"] is not None})
+    accs = [r["test/acc"] for r in rows if r["status"] == "FINISHED" and r["test/acc"] is not None]
+    floor = max(0.0, min(accs + [0.9]) - 0.03)
     for opt in sorted({r["optimizer"] for r in rows}):
         for i, bs in enumerate(sizes):
-            pts = sorted((r["lr"], r["test/acc"] if r["status"] == "FINISHED" else float("nan"))
-                         for r in rows if r["optimizer"] == opt and r["batch_size"] == bs and r["lr"])
+            trials = [r for r in rows if r["optimizer"] == opt and r["batch_size"] == bs and r["lr"]]
+            pts = sorted((r["lr"], r["test/acc"] if r["status"] == "FINISHED" else float("nan")) for r in trials)
             if pts:
                 ax.plot(*zip(*pts), styles[i % len(styles)], color=colors.get(opt), label=f"{opt} bs={bs}")
+            failed = [r["lr"] for r in trials if r["status"] != "FINISHED"]
+            if failed:  # diverged or crashed: drawn on the floor of the plot
+                ax.plot(failed, [floor + 0.005] * len(failed), "x", color=colors.get(opt), markersize=9, mew=2)
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("test accuracy")
-    ax.set_ylim(max(0.0, min([r["test/acc"] for r in rows if r["test/acc"] is not None] + [0.9]) - 0.02), 1.0)
+    ax.set_ylim(floor, 1.0)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, ncol=2)
-    ax.set_title("test accuracy after training (failed trials omitted)")
+    ax.set_title("test accuracy after training (x: trial failed, e.g. diverged)")
     for opt, best in (summary.get("per_optimizer") or {}).items():
         hist = sorted(client.get_metric_history(best["run_id"], "val/acc"), key=lambda m: m.step)
         ax2.plot(range(1, len(hist) + 1), [m.value for m in hist], "-o", color=colors.get(opt),

@@ -28,13 +28,21 @@ def _hydra():
     return HydraConfig.get() if HydraConfig.initialized() else None
 
 
+def available_cores() -> int:
+    """Cores this process may use (respects taskset/cgroup/SLURM affinity, unlike os.cpu_count())."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def parallel_jobs(hc) -> int:
     """How many trials run at once on this machine under the current Hydra launcher."""
     if hc is None or str(hc.mode) != "RunMode.MULTIRUN":
         return 1
     launcher = hc.launcher
     target = str(launcher.get("_target_", ""))
-    cores = os.cpu_count() or 1
+    cores = available_cores()
     if "joblib" in target:
         n = launcher.get("n_jobs", -1)
         return cores if n is None or n < 0 else max(1, n)
@@ -47,7 +55,7 @@ def configure_threads(num_threads: int | None, jobs: int) -> int:
     """Torch intra-op threads: the configured number, else cores / parallel jobs (no oversubscription)."""
     import torch
 
-    n = num_threads or max(1, (os.cpu_count() or 1) // jobs)
+    n = num_threads or max(1, available_cores() // jobs)
     torch.set_num_threads(n)
     return n
 
