@@ -73,6 +73,7 @@ def problems(cfg: DictConfig) -> list[str]:
     check(_int(cfg.seed), "seed", "must be an integer")
     check(cfg.num_threads is None or (_int(cfg.num_threads) and cfg.num_threads >= 1), "num_threads", "null or >= 1")
     check(cfg.test_ckpt in ("best", "last"), "test_ckpt", "must be 'best' or 'last'")
+    check(isinstance(cfg.flush_denormal, bool), "flush_denormal", "must be true or false")
     guard = (cfg.get("callbacks") or {}).get("finite_loss")
     if guard:
         check(

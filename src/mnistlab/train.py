@@ -133,6 +133,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     validate(cfg)
     import lightning.pytorch as pl
 
+    import torch
+
     from mnistlab.logging_setup import quiet_lightning
 
     from mnistlab.callbacks import EpochHistory
@@ -144,6 +146,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     root = Path(cfg.paths.root) if cfg.paths.root else project_root()
     out_dir, reports_dir, ckpt_dir = _dirs(cfg.paths, root, hc)
     threads = configure_threads(cfg.num_threads, parallel_jobs(hc))
+    torch.set_flush_denormal(bool(cfg.flush_denormal))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
     dm = MnistDataModule(resolve(cfg.data.processed_dir, root), cfg.data.batch_size, cfg.data.eval_batch_size, cfg.seed)
