@@ -121,6 +121,7 @@ def test_truncated_file_on_server_fails_preprocess(project_copy, tmp_path, http_
     (tmp_path / "www" / "mnist.npz").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     url, requests = http_dir(tmp_path / "www")
     prepare(project_copy, url)
+    lock_before = _lock(project_copy)
 
     proc = repro(project_copy)
     out = proc.stdout + proc.stderr
@@ -132,7 +133,11 @@ def test_truncated_file_on_server_fails_preprocess(project_copy, tmp_path, http_
     assert "Traceback" not in out, out
     assert not (project_copy / "data" / "processed").exists()
     assert sorted(p.name for p in (project_copy / "data").iterdir()) == ["raw"]  # no temp dirs either
-    assert not (project_copy / "dvc.lock").exists()
+    assert _lock(project_copy) == lock_before, "a failed stage must not be recorded in dvc.lock"
+
+
+def _lock(repo: Path) -> str | None:
+    return (repo / "dvc.lock").read_text() if (repo / "dvc.lock").exists() else None
 
 
 class _CutShortHandler(http.server.BaseHTTPRequestHandler):

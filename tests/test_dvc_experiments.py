@@ -46,10 +46,11 @@ def _runs(repo: Path):
 
 
 def _exp_table(repo: Path) -> dict[str, tuple[str, float | None]]:
-    """{experiment name: (optimizer name, test/acc)} from `dvc exp show --json`."""
+    """{experiment name: (optimizer name, test/acc)} from `dvc exp show --json` (experiments only, not the
+    workspace or the baseline commit, whose metrics are the committed ones)."""
     out = {}
     for entry in json.loads(dvc(repo, "exp", "show", "--json").stdout):
-        for e in [entry, *(entry.get("experiments") or [])]:
+        for e in entry.get("experiments") or []:
             for rev in e.get("revs") or [e]:
                 data = rev.get("data") or {}
                 params = (data.get("params") or {}).get("params.yaml", {}).get("data", {})
