@@ -193,3 +193,13 @@ def test_mlflow_server_serves_runs_and_metric_histories(finished_run):
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def test_partial_test_split_still_gets_its_plots(tmp_path, processed_dir):
+    """trainer.limit_test_batches scores part of the test split; the misclassified grid must use that part."""
+    overrides = fast_overrides(tmp_path, processed_dir, epochs=1) + [
+        "trainer.limit_test_batches=1", "data.eval_batch_size=50", "logger.log_model=false"]
+    train(compose(overrides))
+    (run,) = _runs(_client(tmp_path))
+    assert run.info.status == "FINISHED"
+    assert "misclassified.png" in {a.path for a in _client(tmp_path).list_artifacts(run.info.run_id)}

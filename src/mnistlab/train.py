@@ -159,7 +159,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     overrides = list(hc.overrides.task) if hc is not None else []
 
     env_uri = os.environ.get("MLFLOW_TRACKING_URI")
-    tracked = _open_run(cfg, root, overrides, meta, hc) if cfg.logger.enabled else nullcontext(None)
+    # Under DDP, Lightning re-launches this script once per extra GPU (RANK/LOCAL_RANK set): one run, on rank 0.
+    rank_zero = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+    tracked = _open_run(cfg, root, overrides, meta, hc) if cfg.logger.enabled and rank_zero else nullcontext(None)
     try:
         return _fit_and_test(cfg, tracked, model, dm, meta, history, overrides, threads, out_dir, reports_dir, ckpt_dir)
     finally:
@@ -216,7 +218,7 @@ def _fit_and_test(cfg, tracked, model, dm, meta, history, overrides, threads, ou
             "samples_per_second": round(model.samples_seen / fit_seconds, 1),
         }
         if run is not None:
-            _log_results(run, cfg, model, dm, rows, metrics, test_metrics, ckpt_cb, trainer.global_step)
+            _log_results(run, cfg, model, dm, rows, metrics, test_metrics, ckpt_cb, trainer.global_step, trainer.world_size)
         write_curves_csv(reports_dir / CURVES_FILE, rows)
         _write_atomic(reports_dir / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
     log.info("test/acc=%.4f test/loss=%.4f in %.1fs (%d epochs); metrics in %s",
@@ -252,7 +254,7 @@ def _open_run(cfg: DictConfig, root: Path, overrides: list[str], meta: dict, hc)
     return run
 
 
-def _log_results(run, cfg, model, dm, rows, metrics, test_metrics, ckpt_cb, step) -> None:
+def _log_results(run, cfg, model, dm, rows, metrics, test_metrics, ckpt_cb, step, world_size) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
     import torch
@@ -266,9 +268,10 @@ def _log_results(run, cfg, model, dm, rows, metrics, test_metrics, ckpt_cb, step
             "confusion_matrix.png": plots.confusion_figure(model.test_confusion.compute().cpu().numpy()),
         }
         x_test, y_test = dm.split("test")
-        n = model.test_predictions.shape[0]  # fewer than the split when trainer.limit_test_batches is set
+        # this rank's test samples: its DDP shard (every world_size-th), cut by trainer.limit_test_batches
+        n = model.test_predictions.shape[0]
         figures["misclassified.png"] = plots.misclassified_figure(
-            x_test[:n].cpu(), model.test_predictions, y_test[:n].cpu(), cfg.logger.misclassified_max
+            x_test[::world_size][:n].cpu(), model.test_predictions, y_test[::world_size][:n].cpu(), cfg.logger.misclassified_max
         )
         for name, fig in figures.items():
             run.log_figure(fig, name)
