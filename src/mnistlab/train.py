@@ -132,13 +132,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Validate `cfg`, train and test the MLP, write metrics.json + curves.csv, track it all in MLflow."""
     validate(cfg)
     import lightning.pytorch as pl
-
     import torch
-
-    from mnistlab.logging_setup import quiet_lightning
 
     from mnistlab.callbacks import EpochHistory
     from mnistlab.data.datamodule import MnistDataModule
+    from mnistlab.logging_setup import quiet_lightning
     from mnistlab.model import MnistMLP
 
     quiet_lightning()

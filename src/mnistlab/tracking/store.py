@@ -54,11 +54,11 @@ def ensure_experiment(tracking_uri: str, experiment_name: str, mlruns_dir: Path)
         if exp is not None and exp.lifecycle_stage == "deleted":
             client.restore_experiment(exp.experiment_id)
         if exp is None:
+            from mlflow.exceptions import MlflowException
+
             location = artifact_location(mlruns_dir) if is_local else None
-            return client.create_experiment(experiment_name, artifact_location=location)
+            try:
+                return client.create_experiment(experiment_name, artifact_location=location)
+            except MlflowException:  # a team server: another process created it first
+                return client.get_experiment_by_name(experiment_name).experiment_id
         return exp.experiment_id
-
-
-@contextmanager
-def nullcontext():
-    yield
