@@ -17,8 +17,8 @@ def main() -> None:
     ).stdout.strip()
     print(
         f"\nmnistlab: the MNIST import (data.dvc) could not download mnist.npz from the `mnist-source` DVC remote "
-        f"({current or 'unset'}). Offline or behind a firewall, point it at a folder that holds mnist.npz (or the "
-        f"four IDX files) and run again: `make repro MNIST_DIR=/path/to/mnist` (this runs `dvc remote modify "
+        f"({current or 'unset'}). Offline or behind a firewall, point it at a folder that holds mnist.npz "
+        f"and run again: `make repro MNIST_DIR=/path/to/mnist` (this runs `dvc remote modify "
         f"--local mnist-source url /path/to/mnist`). If a previous import is in DVC's cache, `dvc checkout data.dvc` "
         f"restores data/raw/mnist.npz.",
         file=sys.stderr,
