@@ -44,7 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from epoch_speed import (  # noqa: E402
-    DEFAULT_DATA, ROOT, check_processed, environment, fail, floor_batches, load_train_arrays, time_floor,
+    DEFAULT_DATA, ROOT, check_processed, environment, floor_batches, load_train_arrays, time_floor,
     verdict, write_json,
 )
 

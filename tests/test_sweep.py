@@ -130,7 +130,7 @@ def test_report_cli_rebuilds_the_latest_sweep(tmp_path, processed_dir):
     """mnistlab-report reads a sweep back from MLflow (here one made by the callback's own functions)."""
     from mnistlab.report import main as report_main
     from mnistlab.train import train
-    from mnistlab.tracking.run import PARENT_TAG
+    from mnistlab.tracking.tags import PARENT_TAG
     from mnistlab.tracking.store import ensure_experiment
 
     uri = default_tracking_uri(tmp_path / "mlruns")

@@ -38,6 +38,11 @@ def workspace_root(start: Path | None = None) -> Path:
     return root
 
 
+def root_of(configured: str | None) -> Path:
+    """The project root: `paths.root` when set, else found from the working directory."""
+    return Path(configured).resolve() if configured else project_root()
+
+
 def resolve(path: str | os.PathLike, root: Path) -> Path:
     """An absolute path: `path` itself if absolute, else relative to `root`."""
     p = Path(os.path.expanduser(str(path)))

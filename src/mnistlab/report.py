@@ -13,7 +13,8 @@ import json
 import math
 from pathlib import Path
 
-PARENT_TAG = "mlflow.parentRunId"
+from mnistlab.tracking.tags import PARENT_TAG, SWEEP_TAG
+
 COLUMNS = ["optimizer", "lr", "batch_size", "momentum", "test/acc", "val/acc_best", "epochs", "fit_seconds",
            "status", "run_id", "run_name"]
 
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     parent = args.parent
     if parent is None:
         exp = client.get_experiment_by_name(args.experiment)
-        found = client.search_runs([exp.experiment_id], filter_string="tags.`mnistlab.sweep` = 'true'",
+        found = client.search_runs([exp.experiment_id], filter_string=f"tags.`{SWEEP_TAG}` = 'true'",
                                    order_by=["attributes.start_time DESC"], max_results=1) if exp else []
         if not found:
             raise SystemExit(f"error: no sweep found in MLflow experiment {args.experiment!r}; run one with `make sweep`.")

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mnistlab.tracking.tags import HOST_TAG, PID_TAG, PROC_START_TAG
+
 # Overrides that say where a run writes or how it logs, not what it trains: left out of run names.
 _NAME_SKIP_PREFIXES = (
     "paths.", "logger", "hydra", "launcher", "callbacks.rich", "trainer.enable_progress_bar", "data.processed_dir",
@@ -44,12 +46,13 @@ def environment_tags() -> dict[str, str]:
 
     import psutil
 
+    command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
     return {
-        "mnistlab.host": socket.gethostname(),
-        "mnistlab.pid": str(os.getpid()),
-        "mnistlab.proc_start": f"{psutil.Process().create_time():.3f}",
-        "mnistlab.command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:5000],
-        "mlflow.source.name": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:500],
+        HOST_TAG: socket.gethostname(),
+        PID_TAG: str(os.getpid()),
+        PROC_START_TAG: f"{psutil.Process().create_time():.3f}",
+        "mnistlab.command": command[:5000],
+        "mlflow.source.name": command[:500],
         "version.torch": torch.__version__,
         "version.lightning": lightning.__version__,
         "version.mlflow": mlflow.__version__,

@@ -12,10 +12,10 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from mnistlab.paths import project_root, resolve, workspace_root
+from mnistlab.paths import resolve, root_of
+from mnistlab.tracking.tags import SWEEP_TAG
 
 log = logging.getLogger("mnistlab.sweep")
-SWEEP_TAG = "mnistlab.sweep"
 
 
 class MlflowSweepCallback(Callback):
@@ -34,12 +34,10 @@ class MlflowSweepCallback(Callback):
 
         from mnistlab.run_info import environment_tags, git_state
         from mnistlab.tracking.run import PARENT_ENV, PARENT_FILE
-        from mnistlab.tracking.store import ensure_experiment, resolve_tracking_uri
+        from mnistlab.tracking.store import open_store
 
-        root = Path(config.paths.root) if config.paths.root else project_root()
-        mlruns = resolve(config.paths.mlruns_dir, workspace_root(root))
-        uri = resolve_tracking_uri(config.logger.tracking_uri, mlruns)
-        exp_id = ensure_experiment(uri, config.logger.experiment_name, mlruns)
+        root = root_of(config.paths.root)
+        uri, exp_id = open_store(config.paths.mlruns_dir, config.logger.tracking_uri, config.logger.experiment_name, root)
         self.client = MlflowClient(uri)
         sweep_dir = Path(str(config.hydra.sweep.dir))
         overrides = " ".join(config.hydra.overrides.task)
@@ -74,7 +72,7 @@ class MlflowSweepCallback(Callback):
         from mnistlab.report import write_sweep_report
         from mnistlab.tracking.run import PARENT_ENV
 
-        root = Path(config.paths.root) if config.paths.root else project_root()
+        root = root_of(config.paths.root)
         out_dirs = [Path(str(config.hydra.sweep.dir))]
         if config.paths.get("sweep_reports_dir"):
             out_dirs.append(resolve(config.paths.sweep_reports_dir, root))

@@ -15,7 +15,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from mnistlab.config import ConfigError, validate
-from mnistlab.paths import CONF_DIR, project_root, resolve, workspace_root
+from mnistlab.paths import CONF_DIR, resolve, root_of
 
 log = logging.getLogger("mnistlab.train")
 METRICS_FILE = "metrics.json"
@@ -141,7 +141,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     quiet_lightning()
     hc = _hydra()
-    root = Path(cfg.paths.root) if cfg.paths.root else project_root()
+    root = root_of(cfg.paths.root)
     out_dir, reports_dir, ckpt_dir = _dirs(cfg.paths, root, hc)
     threads = configure_threads(cfg.num_threads, parallel_jobs(hc))
     torch.set_flush_denormal(bool(cfg.flush_denormal))
@@ -156,22 +156,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
     history = EpochHistory()
     overrides = list(hc.overrides.task) if hc is not None else []
 
-    env_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    from mnistlab.tracking.run import keep_tracking_uri_env, restore_sigint
+
     # Under DDP, Lightning re-launches this script once per extra GPU (RANK/LOCAL_RANK set): one run, on rank 0.
     rank_zero = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
     tracked = _open_run(cfg, root, overrides, meta, hc) if cfg.logger.enabled and rank_zero else nullcontext(None)
     try:
-        return _fit_and_test(cfg, tracked, model, dm, meta, history, overrides, threads, out_dir, reports_dir, ckpt_dir)
+        with keep_tracking_uri_env():
+            return _fit_and_test(cfg, tracked, model, dm, meta, history, overrides, threads, out_dir, reports_dir, ckpt_dir)
     finally:
-        from mnistlab.tracking.run import restore_sigint
-
         restore_sigint()
-        # Lightning's MLFlowLogger calls mlflow.set_tracking_uri, which exports $MLFLOW_TRACKING_URI; undo it so
-        # the next run in this process resolves its own store.
-        if env_uri is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = env_uri
 
 
 def _fit_and_test(cfg, tracked, model, dm, meta, history, overrides, threads, out_dir, reports_dir, ckpt_dir):
@@ -226,12 +220,11 @@ def _fit_and_test(cfg, tracked, model, dm, meta, history, overrides, threads, ou
 
 def _open_run(cfg: DictConfig, root: Path, overrides: list[str], meta: dict, hc):
     from mnistlab.run_info import environment_tags, git_state, run_name
-    from mnistlab.tracking.run import PARENT_TAG, TrackedRun, parent_run_id, unique_run_name
-    from mnistlab.tracking.store import ensure_experiment, resolve_tracking_uri
+    from mnistlab.tracking.run import TrackedRun, parent_run_id, unique_run_name
+    from mnistlab.tracking.tags import PARENT_TAG
+    from mnistlab.tracking.store import open_store
 
-    mlruns = resolve(cfg.paths.mlruns_dir, workspace_root(root))
-    uri = resolve_tracking_uri(cfg.logger.tracking_uri, mlruns)
-    exp_id = ensure_experiment(uri, cfg.logger.experiment_name, mlruns)
+    uri, exp_id = open_store(cfg.paths.mlruns_dir, cfg.logger.tracking_uri, cfg.logger.experiment_name, root)
     commit, dirty = git_state(root)
     tags = {
         "mlflow.source.git.commit": commit,
@@ -285,7 +278,7 @@ def _log_results(run, cfg, model, dm, rows, metrics, test_metrics, ckpt_cb, step
 def record_failed_trial(cfg: DictConfig, error: Exception) -> None:
     """A sweep trial that failed before its run opened (bad value, missing data) still gets a FAILED run."""
     hc = _hydra()
-    root = Path(cfg.paths.root) if cfg.paths.root else project_root()
+    root = root_of(cfg.paths.root)
     meta = {"data_checksum": "unknown"}
     try:
         with _open_run(cfg, root, list(hc.overrides.task) if hc else [], meta, hc):

@@ -11,7 +11,7 @@ import socket
 
 import psutil
 
-from mnistlab.tracking.run import HOST_TAG, NOTE_TAG, PID_TAG, PROC_START_TAG
+from mnistlab.tracking.tags import HOST_TAG, NOTE_TAG, PID_TAG, PROC_START_TAG
 
 
 def process_alive(pid: int, start_time: str | None) -> bool:

@@ -19,12 +19,8 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-PARENT_TAG = "mlflow.parentRunId"
-ERROR_TAG = "mnistlab.error"
-NOTE_TAG = "mlflow.note.content"
-PID_TAG = "mnistlab.pid"
-HOST_TAG = "mnistlab.host"
-PROC_START_TAG = "mnistlab.proc_start"
+from mnistlab.tracking.tags import ERROR_TAG, NOTE_TAG
+
 MAX_TAG_CHARS = 5000
 
 
@@ -64,22 +60,34 @@ class RunOwnedMLFlowLogger(MLFlowLogger):
 
 
 @contextmanager
-def fluent_uri(uri: str):
-    """Point MLflow's global (fluent) API at `uri` for a moment, then restore it.
+def keep_tracking_uri_env():
+    """Restore $MLFLOW_TRACKING_URI on exit.
 
-    mlflow.set_tracking_uri also sets $MLFLOW_TRACKING_URI, which would silently send every later run in this
-    process (and its children) to this store; scoping it keeps the store a per-run decision.
+    mlflow.set_tracking_uri (also called inside Lightning's MLFlowLogger) exports it, which would silently send
+    every later run in this process (and its children) to that store; the store stays a per-run decision.
     """
-    import mlflow
-
-    before_env = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
+    before = os.environ.get("MLFLOW_TRACKING_URI")
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(before_env)
-        if before_env is None:
+        if before is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+@contextmanager
+def fluent_uri(uri: str):
+    """Point MLflow's global (fluent) API at `uri` for a moment, then restore it."""
+    import mlflow
+
+    with keep_tracking_uri_env():
+        before = os.environ.get("MLFLOW_TRACKING_URI")
+        mlflow.set_tracking_uri(uri)
+        try:
+            yield
+        finally:
+            mlflow.set_tracking_uri(before)
 
 
 def flush_async(uri: str) -> None:

@@ -1,0 +1,9 @@
+"""MLflow tag names shared by the run lifecycle, the sweep callback and the report (no heavy imports)."""
+
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's own: nests a trial under its sweep in the UI
+SWEEP_TAG = "mnistlab.sweep"  # "true" on a sweep's parent run
+ERROR_TAG = "mnistlab.error"
+NOTE_TAG = "mlflow.note.content"
+PID_TAG = "mnistlab.pid"
+HOST_TAG = "mnistlab.host"
+PROC_START_TAG = "mnistlab.proc_start"
