@@ -15,12 +15,13 @@ from conftest import PROJECT_ROOT, cli_env, compose
 from mnistlab.tracking.store import default_tracking_uri
 
 
-def test_study_grid_expands_to_36_trials():
+def test_study_grid_expands_to_36_configs_times_3_seeds():
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    import mnistlab.train  # noqa: F401  (registers the sweep_values resolver)
     from mnistlab.paths import CONF_DIR
 
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
@@ -29,12 +30,14 @@ def test_study_grid_expands_to_36_trials():
     params = [f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()]
     (batch,) = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(params), None)
     jobs = [dict(o.split("=", 1) for o in job) for job in batch]
-    assert len(jobs) == 36
+    assert len(jobs) == 108 and cfg.reuse_finished is True
+    assert {j["seed"] for j in jobs} == {"0", "1", "2"}, "3 seeds per config by default"
+    assert len({tuple(sorted((k, v) for k, v in j.items() if k != "seed")) for j in jobs}) == 36
     assert {j["optimizer"] for j in jobs} == {"sgd", "momentum", "rmsprop"}
     assert {j["data.batch_size"] for j in jobs} == {"32", "128", "512"}
     lrs = sorted({float(j["optimizer.lr"]) for j in jobs})
     assert len(lrs) == 4 and all(b / a == pytest.approx(10) for a, b in zip(lrs, lrs[1:])), "log-spaced"
-    assert len({tuple(sorted(j.items())) for j in jobs}) == 36
+    assert len({tuple(sorted(j.items())) for j in jobs}) == 108
 
 
 def _multirun(tmp: Path, processed: Path, grid: list[str], launcher: list[str], timeout=600):
@@ -83,14 +86,16 @@ def test_multirun_gives_one_parent_four_children_and_the_report(tmp_path, proces
     by_id = {c.info.run_id: c for c in children}
     for r in rows:
         assert float(r["test/acc"]) == pytest.approx(by_id[r["run_id"]].data.metrics["test/acc"])
-    best = json.loads((tmp_path / "reports" / "sweep_best.json").read_text())
-    assert best["best"]["test/acc"] == pytest.approx(max(float(r["test/acc"]) for r in rows))
-    assert set(best["per_optimizer"]) == {"sgd", "rmsprop"}
+    study = json.loads((tmp_path / "reports" / "study.json").read_text())
+    assert set(study["chosen_on_val"]) == {"sgd", "rmsprop"}
+    for opt, chosen in study["chosen_on_val"].items():  # one seed here: the chosen config is the val winner
+        assert chosen["val_acc_mean"] == pytest.approx(max(float(r["val/acc_best"]) for r in rows if r["optimizer"] == opt))
     assert (tmp_path / "reports" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
-    assert (tmp_path / "multirun" / "sweep.csv").is_file()
+    assert (tmp_path / "multirun" / "study.md").is_file()
     parent_files = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"sweep.csv", "sweep.png", "sweep_best.json"} <= parent_files
-    assert client.get_run(parent.info.run_id).data.metrics["best/test_acc"] == pytest.approx(best["best"]["test/acc"])
+    assert {"sweep.csv", "sweep.png", "study.json", "study.csv", "study.md"} <= parent_files
+    assert client.get_run(parent.info.run_id).data.metrics["best/val_acc_mean"] == pytest.approx(
+        max(float(r["val/acc_best"]) for r in rows))
 
 
 @pytest.mark.slow
@@ -150,4 +155,4 @@ def test_report_cli_rebuilds_the_latest_sweep(tmp_path, processed_dir):
     rows = _csv(tmp_path / "rep" / "sweep.csv")
     assert sorted(r["optimizer"] for r in rows) == ["momentum", "sgd"]
     assert all(client.get_run(r["run_id"]).data.tags[PARENT_TAG] == parent.info.run_id for r in rows)
-    assert json.loads((tmp_path / "rep" / "sweep_best.json").read_text())["finished"] == 2
+    assert json.loads((tmp_path / "rep" / "study.json").read_text())["finished"] == 2

@@ -1,7 +1,12 @@
-"""The sweep summary, read back from MLflow: sweep.csv (one row per trial), sweep.png, sweep_best.json.
+"""The sweep report, read back from MLflow: chosen on validation, reported on test, with seeds and intervals.
 
-`mnistlab-report` rebuilds it for the latest (or a given) sweep; the sweep callback calls it at the end of
-every multirun and attaches the same files to the parent run.
+Files (in the sweep dir, on the parent run, and in reports/ for the study stage):
+  sweep.csv   one row per trial (a config x a seed)
+  study.csv   one row per config: n finished/failed, mean, sd, 95 % CI of val/acc_best and test/acc
+  study.json  the chosen config per optimizer, numbers only (what `dvc metrics show` prints)
+  study.md    the findings, generated: chosen configs, paired differences, usable lr ranges, failures
+  sweep.png   mean +- CI against lr per optimizer and batch size; val curves of each chosen config
+`mnistlab-report` rebuilds them for the latest (or a given) sweep.
 """
 
 from __future__ import annotations
@@ -11,12 +16,21 @@ import csv
 import io
 import json
 import math
+import statistics
+from itertools import combinations
 from pathlib import Path
 
-from mnistlab.tracking.tags import PARENT_TAG, SWEEP_TAG
+from mnistlab.tracking.tags import PARENT_TAG, REUSED_TAG, SWEEP_TAG
 
-COLUMNS = ["optimizer", "lr", "batch_size", "momentum", "test/acc", "val/acc_best", "epochs", "fit_seconds",
-           "status", "run_id", "run_name"]
+OBJECTIVE = "val/acc_best"  # what selects a config (the val accuracy of each trial's selected checkpoint)
+REPORTED = "test/acc"  # what is reported for the chosen configs; never used to choose
+CI_LEVEL = 0.95
+USABLE_MARGIN = 0.005  # an lr is "usable" when its config's mean val acc is within 0.5 pp of the optimizer's best
+TRIAL_COLUMNS = ["optimizer", "lr", "batch_size", "momentum", "seed", "val/acc_best", "test/acc", "epochs",
+                 "fit_seconds", "status", "reused", "run_id"]
+CONFIG_COLUMNS = ["config", "optimizer", "lr", "batch_size", "n", "finished", "failed",
+                  "val_mean", "val_sd", "val_ci_low", "val_ci_high", "test_mean", "test_sd", "test_ci_low",
+                  "test_ci_high", "fit_seconds_mean"]
 
 
 def _num(x, cast=float):
@@ -26,8 +40,14 @@ def _num(x, cast=float):
         return None
 
 
+def config_label(r: dict) -> str:
+    """A config's stable name (no run-name suffixes): 'momentum lr=0.1 bs=128'."""
+    lr = "?" if r["lr"] is None else f"{r['lr']:g}"  # a trial that failed before its params were logged
+    return f"{r['optimizer'] or '?'} lr={lr} bs={r['batch_size'] if r['batch_size'] is not None else '?'}"
+
+
 def trial_rows(client, parent_run_id: str) -> list[dict]:
-    """One dict per child run of the sweep, sorted by optimizer, batch size, lr."""
+    """One dict per child run of the sweep, sorted by optimizer, batch size, lr, seed."""
     parent = client.get_run(parent_run_id)
     runs = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'", max_results=5000
@@ -35,114 +55,296 @@ def trial_rows(client, parent_run_id: str) -> list[dict]:
     rows = []
     for r in runs:
         p, m = r.data.params, r.data.metrics
+        finished = r.info.status == "FINISHED"
         rows.append({
             "optimizer": p.get("optimizer", ""),
             "lr": _num(p.get("lr")),
             "batch_size": _num(p.get("batch_size"), int),
             "momentum": _num(p.get("momentum")),
-            "test/acc": m.get("test/acc"),
-            "val/acc_best": m.get("val/acc_best"),
+            "seed": _num(p.get("seed"), int),
+            "val/acc_best": m.get(OBJECTIVE) if finished else None,
+            "test/acc": m.get(REPORTED) if finished else None,
             "epochs": _num(m.get("epochs"), int),
             "fit_seconds": m.get("fit_seconds"),
             "status": r.info.status,
+            "reused": r.data.tags.get(REUSED_TAG, ""),
             "run_id": r.info.run_id,
-            "run_name": r.info.run_name,
         })
-    rows.sort(key=lambda d: (d["optimizer"], d["batch_size"] or 0, d["lr"] or 0))
+    rows.sort(key=lambda d: (d["optimizer"], d["batch_size"] or 0, d["lr"] or 0, d["seed"] or 0))
     return rows
 
 
-def best_config(rows: list[dict]) -> dict:
-    """Best finished trial overall and per optimizer, by test/acc."""
-    ok = [r for r in rows if r["status"] == "FINISHED" and r["test/acc"] is not None and not math.isnan(r["test/acc"])]
+def mean_ci(values: list[float]) -> dict:
+    """Mean, sd and the 95 % Student-t interval of the mean (nan where n < 2)."""
+    from scipy import stats
 
-    def pick(rs):
-        b = max(rs, key=lambda r: r["test/acc"])
-        return {k: b[k] for k in ("optimizer", "lr", "batch_size", "momentum", "test/acc", "val/acc_best", "run_id", "run_name")}
+    n = len(values)
+    if n == 0:
+        return {"mean": math.nan, "sd": math.nan, "low": math.nan, "high": math.nan}
+    mean = statistics.fmean(values)
+    if n < 2:
+        return {"mean": mean, "sd": math.nan, "low": math.nan, "high": math.nan}
+    sd = statistics.stdev(values)
+    if sd == 0:
+        return {"mean": mean, "sd": 0.0, "low": mean, "high": mean}
+    low, high = stats.t.interval(CI_LEVEL, n - 1, loc=mean, scale=sd / math.sqrt(n))
+    return {"mean": mean, "sd": sd, "low": float(low), "high": float(high)}
 
-    out = {"trials": len(rows), "finished": len(ok), "failed": sum(r["status"] != "FINISHED" for r in rows)}
-    if ok:
-        out["best"] = pick(ok)
-        out["per_optimizer"] = {o: pick([r for r in ok if r["optimizer"] == o]) for o in sorted({r["optimizer"] for r in ok})}
+
+def _ok(r: dict) -> bool:
+    return r["status"] == "FINISHED" and r[OBJECTIVE] is not None and not math.isnan(r[OBJECTIVE])
+
+
+def config_rows(trials: list[dict]) -> list[dict]:
+    """One row per config (the trials that differ only in seed), with its seeds' statistics."""
+    groups: dict[str, list[dict]] = {}
+    for t in trials:
+        groups.setdefault(config_label(t), []).append(t)
+    out = []
+    for label, ts in groups.items():
+        ok = [t for t in ts if _ok(t)]
+        val, test = mean_ci([t[OBJECTIVE] for t in ok]), mean_ci([t[REPORTED] for t in ok if t[REPORTED] is not None])
+        secs = [t["fit_seconds"] for t in ok if t["fit_seconds"] is not None]
+        out.append({
+            "config": label, "optimizer": ts[0]["optimizer"], "lr": ts[0]["lr"], "batch_size": ts[0]["batch_size"],
+            "n": len(ts), "finished": len(ok), "failed": len(ts) - len(ok),
+            "val_mean": val["mean"], "val_sd": val["sd"], "val_ci_low": val["low"], "val_ci_high": val["high"],
+            "test_mean": test["mean"], "test_sd": test["sd"], "test_ci_low": test["low"], "test_ci_high": test["high"],
+            "fit_seconds_mean": statistics.fmean(secs) if secs else math.nan,
+            "trials": ts,
+        })
+    out.sort(key=lambda c: (c["optimizer"], c["batch_size"] or 0, c["lr"] or 0))
     return out
 
 
-def rows_to_csv(rows: list[dict]) -> str:
+def choose(configs: list[dict]) -> dict | None:
+    """The config with the highest mean validation accuracy, among those whose every seed finished (a config
+    that diverges for some seed is not a safe choice); else among those with any finished seed."""
+    for eligible in ([c for c in configs if c["finished"] and not c["failed"]], [c for c in configs if c["finished"]]):
+        if eligible:
+            return max(eligible, key=lambda c: c["val_mean"])
+    return None
+
+
+def paired_difference(a: dict, b: dict) -> dict:
+    """Test-accuracy difference a - b over the seeds both finished (same seed = same init and batch order)."""
+    ta = {t["seed"]: t[REPORTED] for t in a["trials"] if _ok(t)}
+    tb = {t["seed"]: t[REPORTED] for t in b["trials"] if _ok(t)}
+    seeds = sorted(set(ta) & set(tb))
+    d = mean_ci([ta[s] - tb[s] for s in seeds])
+    d["n"] = len(seeds)
+    d["excludes_zero"] = bool(d["low"] > 0 or d["high"] < 0)
+    return d
+
+
+def summarize(trials: list[dict]) -> dict:
+    """Counts, per-config statistics, the chosen config overall and per optimizer, paired differences."""
+    configs = config_rows(trials)
+    chosen = {o: choose([c for c in configs if c["optimizer"] == o]) for o in sorted({c["optimizer"] for c in configs})}
+    chosen = {o: c for o, c in chosen.items() if c is not None}
+    best = choose(configs)
+    pairs = [{"a": a, "b": b, **paired_difference(chosen[a], chosen[b])} for a, b in combinations(sorted(chosen), 2)]
+    seeds = sorted({t["seed"] for t in trials if t["seed"] is not None})
+    return {
+        "trials": len(trials), "finished": sum(_ok(t) for t in trials), "failed": sum(not _ok(t) for t in trials),
+        "reused": sum(bool(t["reused"]) for t in trials), "configs": configs, "seeds": seeds,
+        "chosen": chosen, "best": best, "pairs": pairs,
+    }
+
+
+def best_run(config: dict) -> dict:
+    """The chosen config's seed with the highest val accuracy (the model a user would deploy)."""
+    return max((t for t in config["trials"] if _ok(t)), key=lambda t: t[OBJECTIVE])
+
+
+def _round(x, nd=6):
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(x, nd)
+
+
+def metrics_json(summary: dict) -> dict:
+    """Numbers only, for `dvc metrics show`: counts and each optimizer's chosen config (selected on validation)."""
+    out = {k: summary[k] for k in ("trials", "finished", "failed")}
+    out["seeds"] = len(summary["seeds"])
+    out["chosen_on_val"] = {
+        o: {"lr": c["lr"], "batch_size": c["batch_size"], "val_acc_mean": _round(c["val_mean"]),
+            "test_acc_mean": _round(c["test_mean"]),
+            "test_acc_ci95": _round((c["test_ci_high"] - c["test_ci_low"]) / 2)}
+        for o, c in summary["chosen"].items()
+    }
+    return out
+
+
+def _csv_text(rows: list[dict], columns: list[str]) -> str:
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
     w.writeheader()
     for r in rows:
-        w.writerow({k: ("" if r[k] is None else r[k]) for k in COLUMNS})
+        w.writerow({k: "" if r.get(k) is None or (isinstance(r.get(k), float) and math.isnan(r[k]))
+                    else (round(r[k], 6) if isinstance(r[k], float) else r[k]) for k in columns})
     return buf.getvalue()
 
 
-def sweep_figure(rows: list[dict], summary: dict, client):
-    """Left: test/acc vs lr, a colour per optimizer and a line style per batch size. Right: val/acc per epoch of
-    each optimizer's best trial."""
+def _pm(mean: float, low: float, high: float, pct: bool = True) -> str:
+    f = 100 if pct else 1
+    if math.isnan(mean):
+        return "n/a"
+    if math.isnan(low):
+        return f"{mean * f:.2f}"
+    return f"{mean * f:.2f} ± {(high - low) / 2 * f:.2f}"
+
+
+def _lr_ranges(configs: list[dict], opt: str, best_val: float) -> str:
+    parts = []
+    for bs in sorted({c["batch_size"] for c in configs if c["optimizer"] == opt}):
+        lrs = [c["lr"] for c in configs if c["optimizer"] == opt and c["batch_size"] == bs and not c["failed"]
+               and c["finished"] and c["val_mean"] >= best_val - USABLE_MARGIN]
+        parts.append(f"bs {bs}: " + (", ".join(f"{lr:g}" for lr in sorted(lrs)) if lrs else "none"))
+    return "; ".join(parts)
+
+
+def findings_markdown(summary: dict) -> str:
+    """The study's findings as Markdown, written from the data (the README quotes it)."""
+    s, configs = summary, summary["configs"]
+    seeds = len(s["seeds"])
+    lines = [
+        "# Findings of the sweep", "",
+        f"{s['trials']} trials ({len(configs)} configs x {seeds} seed(s)): {s['finished']} finished, "
+        f"{s['failed']} failed" + (f", {s['reused']} reused from earlier sweeps" if s["reused"] else "") + ". "
+        f"Each config is **chosen on validation** (mean `val/acc_best` over seeds, among configs whose every seed "
+        f"finished); test accuracy is reported for it, never used to choose. Intervals are 95 % Student t over "
+        f"seeds (accuracy in %).", "",
+        "## Chosen config per optimizer (selected on validation)", "",
+        "| optimizer | lr | batch | seeds | val acc % (mean ± CI) | test acc % (mean ± CI) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for o, c in s["chosen"].items():
+        lines.append(f"| {o} | {c['lr']:g} | {c['batch_size']} | {c['finished']} | "
+                     f"{_pm(c['val_mean'], c['val_ci_low'], c['val_ci_high'])} | "
+                     f"{_pm(c['test_mean'], c['test_ci_low'], c['test_ci_high'])} |")
+    if s["best"] is not None:
+        b = s["best"]
+        lines += ["", f"Overall, by mean validation accuracy: **{b['config']}** "
+                      f"(val {_pm(b['val_mean'], b['val_ci_low'], b['val_ci_high'])} %, "
+                      f"test {_pm(b['test_mean'], b['test_ci_low'], b['test_ci_high'])} %)."]
+    if s["pairs"]:
+        lines += ["", "## Differences between the chosen configs (test accuracy, paired by seed)", "",
+                  "| difference | seeds | mean (pp) | 95 % CI (pp) | distinguishable from seed noise? |",
+                  "| --- | --- | --- | --- | --- |"]
+        for p in s["pairs"]:
+            ci = "n/a" if math.isnan(p["low"]) else f"[{p['low'] * 100:+.2f}, {p['high'] * 100:+.2f}]"
+            verdict = "yes (CI excludes 0)" if p["excludes_zero"] else "no (CI includes 0)"
+            if math.isnan(p["low"]):
+                verdict = "cannot tell (fewer than 2 paired seeds)"
+            lines.append(f"| {p['a']} − {p['b']} | {p['n']} | {p['mean'] * 100:+.2f} | {ci} | {verdict} |")
+    lines += ["", f"## Usable learning rates (mean val acc within {USABLE_MARGIN * 100:g} pp of the optimizer's best, "
+                  "no failed seed)", ""]
+    for o, c in s["chosen"].items():
+        lines.append(f"- **{o}**: {_lr_ranges(configs, o, c['val_mean'])}")
+    failed = [c for c in configs if c["failed"]]
+    lines += ["", "## Failed or diverged configs", ""]
+    lines += [f"- {c['config']}: {c['failed']} of {c['n']} seed(s) failed" for c in failed] or ["- none"]
+    return "\n".join(lines) + "\n"
+
+
+def sweep_figure(summary: dict, client):
+    """Left: test acc mean +- 95 % CI against lr per optimizer (colour) and batch size (style), the chosen
+    configs starred. Right: val/acc per epoch of each optimizer's chosen config, mean and min-max over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
+    configs = summary["configs"]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5))
     colors = {"sgd": "tab:blue", "momentum": "tab:orange", "rmsprop": "tab:green", "adam": "tab:red"}
     styles = ["-o", "--s", ":^", "-.d"]
-    sizes = sorted({r["batch_size"] for r in rows if r["batch_size"] is not None})
-    accs = [r["test/acc"] for r in rows if r["status"] == "FINISHED" and r["test/acc"] is not None]
-    floor = max(0.0, min(accs + [0.9]) - 0.03)
-    for opt in sorted({r["optimizer"] for r in rows}):
+    sizes = sorted({c["batch_size"] for c in configs if c["batch_size"] is not None})
+    means = [c["test_mean"] for c in configs if not math.isnan(c["test_mean"])]
+    floor = max(0.0, min(means + [0.9]) - 0.03)
+    for opt in sorted({c["optimizer"] for c in configs}):
         for i, bs in enumerate(sizes):
-            trials = [r for r in rows if r["optimizer"] == opt and r["batch_size"] == bs and r["lr"]]
-            pts = sorted((r["lr"], r["test/acc"] if r["status"] == "FINISHED" else float("nan")) for r in trials)
-            if pts:
-                ax.plot(*zip(*pts), styles[i % len(styles)], color=colors.get(opt), label=f"{opt} bs={bs}")
-            failed = [r["lr"] for r in trials if r["status"] != "FINISHED"]
-            if failed:  # diverged or crashed: drawn on the floor of the plot
+            cs = sorted((c for c in configs if c["optimizer"] == opt and c["batch_size"] == bs and c["lr"]),
+                        key=lambda c: c["lr"])
+            ok = [c for c in cs if c["finished"]]
+            if ok:
+                err = [[0 if math.isnan(c["test_ci_low"]) else c["test_mean"] - c["test_ci_low"] for c in ok],
+                       [0 if math.isnan(c["test_ci_high"]) else c["test_ci_high"] - c["test_mean"] for c in ok]]
+                ax.errorbar([c["lr"] for c in ok], [c["test_mean"] for c in ok], yerr=err, fmt=styles[i % len(styles)],
+                            color=colors.get(opt), capsize=3, label=f"{opt} bs={bs}")
+            failed = [c["lr"] for c in cs if c["failed"]]
+            if failed:  # some seed diverged or crashed: drawn on the floor of the plot
                 ax.plot(failed, [floor + 0.005] * len(failed), "x", color=colors.get(opt), markersize=9, mew=2)
+    for opt, c in summary["chosen"].items():
+        ax.plot([c["lr"]], [c["test_mean"]], "*", color=colors.get(opt), markersize=18, mec="black")
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel("test accuracy (mean ± 95 % CI over seeds)")
     ax.set_ylim(floor, 1.0)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, ncol=2)
-    ax.set_title("test accuracy after training (x: trial failed, e.g. diverged)")
-    for opt, best in (summary.get("per_optimizer") or {}).items():
-        hist = sorted(client.get_metric_history(best["run_id"], "val/acc"), key=lambda m: m.step)
-        ax2.plot(range(1, len(hist) + 1), [m.value for m in hist], "-o", color=colors.get(opt),
-                 label=f"{best['run_name']} ({best['test/acc']:.4f})")
+    ax.set_title("test accuracy; ★ = chosen on validation, x = a seed failed")
+    for opt, c in summary["chosen"].items():
+        curves = []
+        for t in c["trials"]:
+            if _ok(t):
+                hist = sorted(client.get_metric_history(t["run_id"], "val/acc"), key=lambda m: m.step)
+                curves.append([m.value for m in hist])
+        if not curves:
+            continue
+        n = min(len(h) for h in curves)
+        arr = np.array([h[:n] for h in curves])
+        epochs = range(1, n + 1)
+        ax2.plot(epochs, arr.mean(0), "-o", color=colors.get(opt), label=f"{c['config']} ({len(curves)} seeds)")
+        ax2.fill_between(epochs, arr.min(0), arr.max(0), color=colors.get(opt), alpha=0.2)
     ax2.set_xlabel("epoch")
-    ax2.set_ylabel("val accuracy")
+    ax2.set_ylabel("val accuracy (mean; band: min-max over seeds)")
     ax2.grid(alpha=0.3)
     ax2.legend(fontsize=8)
-    ax2.set_title("val/acc of each optimizer's best trial")
+    ax2.set_title("val/acc of each optimizer's config chosen on validation")
     fig.tight_layout()
     return fig
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def write_sweep_report(client, parent_run_id: str, out_dirs: list[Path]) -> dict:
-    """Write sweep.csv, sweep.png and sweep_best.json to each of `out_dirs` and to the parent run."""
+    """Write the report files to each of `out_dirs` and to the parent run; returns the summary."""
     import matplotlib.pyplot as plt
 
-    rows = trial_rows(client, parent_run_id)
-    summary = best_config(rows)
+    summary = summarize(trial_rows(client, parent_run_id))
     summary["parent_run_id"] = parent_run_id
-    text_csv, text_json = rows_to_csv(rows), json.dumps(summary, indent=2) + "\n"
-    fig = sweep_figure(rows, summary, client)
+    texts = {
+        "sweep.csv": _csv_text([t for c in summary["configs"] for t in c["trials"]], TRIAL_COLUMNS),
+        "study.csv": _csv_text(summary["configs"], CONFIG_COLUMNS),
+        "study.json": json.dumps(metrics_json(summary), indent=2) + "\n",
+        "study.md": findings_markdown(summary),
+    }
+    fig = sweep_figure(summary, client)
     for d in out_dirs:
         d.mkdir(parents=True, exist_ok=True)
-        for name, text in (("sweep.csv", text_csv), ("sweep_best.json", text_json)):
-            tmp = d / f".{name}.tmp"
-            tmp.write_text(text)
-            tmp.replace(d / name)
-        fig.savefig(d / "sweep.png", dpi=110)
-    client.log_text(parent_run_id, text_csv, "sweep.csv")
-    client.log_text(parent_run_id, text_json, "sweep_best.json")
+        for name, text in texts.items():
+            _write_atomic(d / name, text)
+        fig.savefig(d / ".sweep.png.tmp.png", dpi=110)
+        (d / ".sweep.png.tmp.png").replace(d / "sweep.png")
+    for name, text in texts.items():
+        client.log_text(parent_run_id, text, name)
     client.log_figure(parent_run_id, fig, "sweep.png")
     plt.close(fig)
-    if "best" in summary:
-        client.log_metric(parent_run_id, "best/test_acc", summary["best"]["test/acc"])
-        client.set_tag(parent_run_id, "mnistlab.best_run", summary["best"]["run_name"])
+    best = summary["best"]
+    if best is not None:
+        summary["best_run_id"] = best_run(best)["run_id"]
+        client.log_metric(parent_run_id, "best/val_acc_mean", best["val_mean"])
+        client.log_metric(parent_run_id, "best/test_acc_mean", best["test_mean"])
+        client.set_tag(parent_run_id, "mnistlab.best_config",
+                       f"{best['config']} (selected on mean val/acc_best over {best['finished']} seed(s))")
+        client.set_tag(parent_run_id, "mnistlab.best_run", summary["best_run_id"])
     client.log_metric(parent_run_id, "trials_failed", summary["failed"])
+    client.log_metric(parent_run_id, "trials_reused", summary["reused"])
     return summary
 
 
@@ -152,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
     from mnistlab.paths import workspace_root
     from mnistlab.tracking.store import resolve_tracking_uri
 
-    ap = argparse.ArgumentParser(description="Rebuild the sweep report (reports/sweep.*) from MLflow.")
+    ap = argparse.ArgumentParser(description="Rebuild a sweep's report (sweep.csv, study.*, sweep.png) from MLflow.")
     ap.add_argument("--parent", help="parent run id of the sweep (default: the latest sweep)")
     ap.add_argument("--experiment", default="mnistlab")
     ap.add_argument("--out", default="reports", type=Path)
@@ -169,7 +371,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"error: no sweep found in MLflow experiment {args.experiment!r}; run one with `make sweep`.")
         parent = found[0].info.run_id
     summary = write_sweep_report(client, parent, [args.out])
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(metrics_json(summary), indent=2))
 
 
 if __name__ == "__main__":

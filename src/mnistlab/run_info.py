@@ -14,7 +14,7 @@ from mnistlab.tracking.tags import HOST_TAG, PID_TAG, PROC_START_TAG
 # Overrides that say where a run writes or how it logs, not what it trains: left out of run names.
 _NAME_SKIP_PREFIXES = (
     "paths.", "logger", "hydra", "launcher", "callbacks.rich", "trainer.enable_progress_bar", "data.processed_dir",
-    "data.raw_dir", "num_threads", "sweep", "callbacks.model_checkpoint", "experiment",
+    "data.raw_dir", "num_threads", "sweep", "callbacks.model_checkpoint", "experiment", "study", "reuse_finished",
 )
 _NAME_CORE_KEYS = ("optimizer", "optimizer.lr", "data.batch_size")
 

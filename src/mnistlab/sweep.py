@@ -80,10 +80,12 @@ class MlflowSweepCallback(Callback):
         try:
             summary = write_sweep_report(self.client, self.parent_id, out_dirs)
             status = "FINISHED" if summary["finished"] else "FAILED"
+            best = summary["best"] or {}
             log.info(
-                "sweep: %d trials, %d finished, %d failed; best %s test/acc=%.4f; report in %s",
-                summary["trials"], summary["finished"], summary["failed"],
-                summary.get("best", {}).get("run_name"), summary.get("best", {}).get("test/acc", float("nan")),
+                "sweep: %d trials, %d finished, %d failed, %d reused; chosen on validation: %s "
+                "(val/acc_best mean %.4f, test/acc mean %.4f); report in %s",
+                summary["trials"], summary["finished"], summary["failed"], summary["reused"], best.get("config"),
+                best.get("val_mean", float("nan")), best.get("test_mean", float("nan")),
                 ", ".join(str(d) for d in out_dirs),
             )
         finally:
@@ -96,3 +98,34 @@ class MlflowSweepCallback(Callback):
             print(f"error: all {summary['trials']} trials of the sweep failed; see {out_dirs[-1] / 'sweep.csv'} "
                   f"and each trial's log in {out_dirs[0]}", file=sys.stderr)
             raise SystemExit(1)
+
+
+def study_main(argv: list[str] | None = None) -> None:
+    """`mnistlab-study --seeds 3 --lrs 0.001 0.01 ... [hydra overrides]`: the study stage's command. DVC renders params.yaml's
+    `study` block as --key value arguments (its templating cannot put a YAML list into a Hydra override);
+    this turns them back into overrides and runs `mnistlab-train sweep=optimizers`, reporting into reports/."""
+    from omegaconf import OmegaConf
+
+    from mnistlab.paths import CONF_DIR
+
+    defaults = OmegaConf.load(CONF_DIR / "config.yaml").study
+    values: dict[str, list[str]] = {}
+    extra: list[str] = []  # key=value tokens pass through as Hydra overrides (a study value never holds "=")
+    key = None
+    for tok in sys.argv[1:] if argv is None else argv:
+        if "=" in tok:
+            extra.append(tok)
+        elif tok.startswith("--") and tok[2:] in defaults:
+            key = tok[2:]
+            values[key] = []
+        elif key is None:
+            raise SystemExit(f"error: mnistlab-study: unexpected argument {tok!r}; expected --<key> value... for "
+                             f"a key of the study block ({', '.join(defaults)}) in conf/config.yaml")
+        else:
+            values[key].append(tok)
+    overrides = [f"study.{k}=[{','.join(v)}]" if OmegaConf.is_list(defaults[k]) else f"study.{k}={v[0]}"
+                 for k, v in values.items()]
+    sys.argv = ["mnistlab-train", "sweep=optimizers", "launcher=joblib", "paths.sweep_reports_dir=reports", *overrides, *extra]
+    from mnistlab.train import main
+
+    main()

@@ -18,7 +18,12 @@ from mnistlab.config import ConfigError, validate
 from mnistlab.paths import CONF_DIR, resolve, root_of
 
 log = logging.getLogger("mnistlab.train")
+# `${sweep_values:${study.lrs}}` turns a YAML list into a Hydra sweep ("0.001,0.01"), so the study's grid is
+# plain config that `dvc exp run -S 'study.lrs=[0.01,0.1]'` can set.
+OmegaConf.register_new_resolver("sweep_values", lambda xs: ",".join(str(x) for x in xs), replace=True)
 METRICS_FILE = "metrics.json"
+# What metrics.json holds; the sweep objective is val/acc_best (the val accuracy of the selected checkpoint).
+_SUMMARY_KEYS = ("test/acc", "test/loss", "val/acc_best", "epochs", "fit_seconds", "samples_per_second")
 CURVES_FILE = "curves.csv"
 
 
@@ -161,6 +166,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # Under DDP, Lightning re-launches this script once per extra GPU (RANK/LOCAL_RANK set): one run, on rank 0.
     rank_zero = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
     tracked = _open_run(cfg, root, overrides, meta, hc) if cfg.logger.enabled and rank_zero else nullcontext(None)
+    if cfg.reuse_finished and cfg.logger.enabled and rank_zero:
+        reused = _reuse_finished(tracked, out_dir)
+        if reused is not None:
+            return reused
     try:
         with keep_tracking_uri_env():
             return _fit_and_test(cfg, tracked, model, dm, meta, history, overrides, threads, out_dir, reports_dir, ckpt_dir)
@@ -201,7 +210,7 @@ def _fit_and_test(cfg, tracked, model, dm, meta, history, overrides, threads, ou
         trainer.test(model, datamodule=dm, ckpt_path=test_ckpt, verbose=False)
         test_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
 
-        metrics = {
+        metrics = {  # keys: _SUMMARY_KEYS
             "test/acc": test_metrics["test/acc"],
             "test/loss": test_metrics["test/loss"],
             "val/acc_best": fit_metrics.get("val/acc_best", float("nan")),
@@ -221,8 +230,9 @@ def _fit_and_test(cfg, tracked, model, dm, meta, history, overrides, threads, ou
 def _open_run(cfg: DictConfig, root: Path, overrides: list[str], meta: dict, hc):
     from mnistlab.run_info import environment_tags, git_state, run_name
     from mnistlab.tracking.run import TrackedRun, parent_run_id, unique_run_name
-    from mnistlab.tracking.tags import PARENT_TAG
+    from mnistlab.tracking.resume import config_hash
     from mnistlab.tracking.store import open_store
+    from mnistlab.tracking.tags import CONFIG_HASH_TAG, PARENT_TAG
 
     uri, exp_id = open_store(cfg.paths.mlruns_dir, cfg.logger.tracking_uri, cfg.logger.experiment_name, root)
     commit, dirty = git_state(root)
@@ -239,10 +249,29 @@ def _open_run(cfg: DictConfig, root: Path, overrides: list[str], meta: dict, hc)
     if parent:
         tags[PARENT_TAG] = parent
         tags["mnistlab.trial"] = str(hc.job.num) if hc is not None else ""
+    tags[CONFIG_HASH_TAG] = config_hash(cfg, meta["data_checksum"])
     run = TrackedRun(uri, exp_id, "", tags, synchronous=cfg.logger.synchronous)
     base = cfg.logger.run_name or run_name(cfg.optimizer.name, cfg.optimizer.lr, cfg.data.batch_size, overrides)
     run.run_name = unique_run_name(run.client, exp_id, base)
     return run
+
+
+def _reuse_finished(run, out_dir: Path) -> dict[str, float] | None:
+    """A trial whose config hash already FINISHED is not retrained: its run becomes a copy of that one."""
+    from mnistlab.tracking.resume import copy_results, find_finished
+    from mnistlab.tracking.tags import CONFIG_HASH_TAG
+
+    original = find_finished(run.client, run.experiment_id, run.tags[CONFIG_HASH_TAG])
+    if original is None:
+        return None
+    with run:
+        copy_results(run.client, original, run.run_id)
+    metrics = {k: v for k, v in original.data.metrics.items() if k in _SUMMARY_KEYS}
+    _write_atomic(out_dir / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
+    log.info("reused run %s (%s): same config hash, not retrained; val/acc_best=%.4f test/acc=%.4f",
+             original.info.run_id, original.info.run_name, metrics.get("val/acc_best", float("nan")),
+             metrics.get("test/acc", float("nan")))
+    return metrics
 
 
 def _log_results(run, cfg, model, dm, rows, metrics, test_metrics, ckpt_cb, step, world_size) -> None:
@@ -294,7 +323,8 @@ def main(cfg: DictConfig) -> float | None:
     hc = _hydra()
     in_sweep = hc is not None and str(hc.mode) == "RunMode.MULTIRUN"
     try:
-        return train(cfg)["test/acc"]
+        # The sweep objective: never the test accuracy (tuning on test is optimistic by construction).
+        return train(cfg)["val/acc_best"]
     except Exception as e:
         if not in_sweep:
             if isinstance(e, (ConfigError, MnistDataError)):
