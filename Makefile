@@ -45,10 +45,12 @@ ui: setup
 	$(BIN)/mlflow ui --backend-store-uri "sqlite:///$(abspath $(MLRUNS))/mlflow.db" \
 	  --default-artifact-root "$(abspath $(MLRUNS))/artifacts" --host $(UI_HOST) --port $(UI_PORT)
 
-# The optimizer study through DVC (study/dvc.yaml): 36 trials on 2 joblib workers, report in reports/sweep.*
+# The optimizer study through DVC (study/dvc.yaml): 108 trials on 2 joblib workers, report in reports/; the README
+# quotes the generated findings (reports/study.md).
 sweep: setup mirror
 	$(BIN)/python -m mnistlab.params
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro study/dvc.yaml || { $(BIN)/python -m mnistlab.data.hints; exit 1; }
+	$(BIN)/mnistlab-report --quote-into README.md
 
 bench: setup
 	$(BIN)/python benchmarks/epoch_speed.py

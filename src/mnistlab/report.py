@@ -348,6 +348,26 @@ def write_sweep_report(client, parent_run_id: str, out_dirs: list[Path]) -> dict
     return summary
 
 
+def quote_into_readme(readme: Path, tag: str, text: str) -> bool:
+    """Replace what sits between `<!-- tag:begin -->` and `<!-- tag:end -->` in `readme` with `text` (generated
+    results stay generated); True when the file changed."""
+    begin, end = f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
+    old = readme.read_text()
+    if begin not in old or end not in old:
+        raise SystemExit(f"error: {readme} lacks the markers {begin} ... {end}; add them where the text belongs.")
+    head, rest = old.split(begin, 1)
+    new = f"{head}{begin}\n{text.rstrip()}\n{end}{rest.split(end, 1)[1]}"
+    if new != old:
+        _write_atomic(readme, new)
+    return new != old
+
+
+def _findings_for_readme(findings: str) -> str:
+    """study.md as a README section: its title dropped, its headings one level down."""
+    lines = findings.splitlines()[1:]
+    return "\n".join("#" + line if line.startswith("## ") else line for line in lines).strip() + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     from mlflow import MlflowClient
 
@@ -359,7 +379,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--experiment", default="mnistlab")
     ap.add_argument("--out", default="reports", type=Path)
     ap.add_argument("--tracking-uri", default=None)
+    ap.add_argument("--quote-into", type=Path, metavar="README",
+                    help="only quote <out>/study.md into README between its study-findings markers (no MLflow)")
     args = ap.parse_args(argv)
+    if args.quote_into:
+        changed = quote_into_readme(args.quote_into, "study-findings", _findings_for_readme((args.out / "study.md").read_text()))
+        print(f"{args.quote_into}: {'updated' if changed else 'already up to date'} from {args.out / 'study.md'}")
+        return
     root = workspace_root()
     client = MlflowClient(resolve_tracking_uri(args.tracking_uri, root / "mlruns"))
     parent = args.parent
