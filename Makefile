@@ -10,8 +10,10 @@ PYTEST_ARGS ?=
 UI_HOST ?= 127.0.0.1
 UI_PORT ?= 5000
 MLRUNS ?= mlruns
+SEEDS ?= 5
+REPRODUCE_ARGS ?=
 
-.PHONY: setup repro mirror test test-fast ui sweep bench params clean-stale
+.PHONY: setup repro mirror test test-fast ui sweep bench params clean-stale reproduce
 
 setup: $(STAMP)
 
@@ -51,6 +53,13 @@ sweep: setup mirror
 	$(BIN)/python -m mnistlab.params
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro study/dvc.yaml || { $(BIN)/python -m mnistlab.data.hints; exit 1; }
 	$(BIN)/mnistlab-report --quote-into README.md
+
+# Both notebook presets over SEEDS seeds (tracked runs), vs the published numbers: reports/reproduce.*, README table.
+# REPRODUCE_ARGS: more flags and Hydra overrides for every run, e.g. REPRODUCE_ARGS=num_threads=1
+reproduce: setup mirror
+	$(BIN)/python -m mnistlab.params
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro preprocess || { $(BIN)/python -m mnistlab.data.hints; exit 1; }
+	$(BIN)/python -m mnistlab.reproduce --seeds $(SEEDS) $(REPRODUCE_ARGS)
 
 bench: setup
 	$(BIN)/python benchmarks/epoch_speed.py

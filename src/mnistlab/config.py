@@ -7,6 +7,7 @@ from numbers import Real
 from omegaconf import DictConfig, OmegaConf
 
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "gelu")
+INITS = ("torch", "keras")
 MNIST_TRAIN_SIZE = 60000
 
 
@@ -52,6 +53,7 @@ def problems(cfg: DictConfig) -> list[str]:
         f"the validation split must hold 1..{MNIST_TRAIN_SIZE - 1} of the training images",
     )
     check(_int(data.split_seed), "data.split_seed", "must be an integer")
+    check(isinstance(data.get("validation"), bool), "data.validation", "must be true or false")
 
     hidden = model.hidden_sizes
     check(
@@ -61,6 +63,7 @@ def problems(cfg: DictConfig) -> list[str]:
     )
     check(model.activation in ACTIVATIONS, "model.activation", f"must be one of {list(ACTIVATIONS)}")
     check(_num(model.dropout) and 0 <= model.dropout < 1, "model.dropout", "must be in [0, 1)")
+    check(model.get("init") in INITS, "model.init", f"must be one of {list(INITS)}")
 
     check(_int(trainer.max_epochs) and trainer.max_epochs >= 1, "trainer.max_epochs", "must be an integer >= 1")
     if _int(trainer.get("min_epochs")) and _int(trainer.max_epochs) and trainer.max_epochs >= 1:
@@ -74,6 +77,14 @@ def problems(cfg: DictConfig) -> list[str]:
     check(cfg.num_threads is None or (_int(cfg.num_threads) and cfg.num_threads >= 1), "num_threads", "null or >= 1")
     check(cfg.test_ckpt in ("best", "last"), "test_ckpt", "must be 'best' or 'last'")
     check(isinstance(cfg.flush_denormal, bool), "flush_denormal", "must be true or false")
+    if data.get("validation") is False:
+        for name, cb in (cfg.get("callbacks") or {}).items():
+            monitor = str((cb or {}).get("monitor") or "")
+            if name != "model_checkpoint" and monitor.startswith("val/"):
+                out.append(
+                    f"callbacks.{name} monitors {monitor}, which a run with data.validation=false never computes: "
+                    f"drop it (callbacks.{name}=null) or keep the validation split (data.validation=true)"
+                )
     guard = (cfg.get("callbacks") or {}).get("finite_loss")
     if guard:
         check(

@@ -14,7 +14,10 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU}
 
 
-def build_mlp(input_size: int, hidden_sizes: list[int], num_classes: int, activation: str, dropout: float) -> nn.Sequential:
+def build_mlp(
+    input_size: int, hidden_sizes: list[int], num_classes: int, activation: str, dropout: float, init: str = "torch"
+) -> nn.Sequential:
+    """init "torch" keeps nn.Linear's own initialisation; "keras" is Dense's: glorot_uniform kernel, zero bias."""
     layers: list[nn.Module] = []
     width = input_size
     for h in hidden_sizes:
@@ -23,6 +26,11 @@ def build_mlp(input_size: int, hidden_sizes: list[int], num_classes: int, activa
             layers.append(nn.Dropout(dropout))
         width = h
     layers.append(nn.Linear(width, num_classes))
+    if init == "keras":
+        for layer in layers:
+            if isinstance(layer, nn.Linear):
+                nn.init.xavier_uniform_(layer.weight)
+                nn.init.zeros_(layer.bias)
     return nn.Sequential(*layers)
 
 
@@ -34,7 +42,8 @@ class MnistMLP(pl.LightningModule):
         # Plain dicts: Lightning 2.6 loads checkpoints with weights_only=True, which rejects DictConfig.
         self.save_hyperparameters({"model": dict(model), "optimizer": dict(optimizer)}, logger=False)
         self.net = build_mlp(
-            model["input_size"], list(model["hidden_sizes"]), model["num_classes"], model["activation"], model["dropout"]
+            model["input_size"], list(model["hidden_sizes"]), model["num_classes"], model["activation"], model["dropout"],
+            model.get("init", "torch"),  # checkpoints saved before the knob existed: torch's init
         )
         n = model["num_classes"]
         self.loss_fn = nn.CrossEntropyLoss()

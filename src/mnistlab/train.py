@@ -25,6 +25,8 @@ METRICS_FILE = "metrics.json"
 # What metrics.json holds; the sweep objective is val/acc_best (the val accuracy of the selected checkpoint).
 _SUMMARY_KEYS = ("test/acc", "test/loss", "val/acc_best", "epochs", "fit_seconds", "samples_per_second")
 CURVES_FILE = "curves.csv"
+# data.validation=false: Lightning runs no validation loop (not even the sanity check).
+NO_VALIDATION = {"limit_val_batches": 0, "num_sanity_val_steps": 0}
 
 
 def _hydra():
@@ -80,6 +82,11 @@ def write_curves_csv(path: Path, rows: list[dict[str, float]]) -> None:
     _write_atomic(path, "\n".join(lines) + "\n")
 
 
+def effective_test_ckpt(cfg: DictConfig) -> str:
+    """Which weights the test scores: cfg.test_ckpt, but always "last" without validation (there is no best)."""
+    return cfg.test_ckpt if cfg.data.validation else "last"
+
+
 def curated_params(cfg: DictConfig) -> dict:
     """The flat parameters a user compares runs by in the MLflow UI."""
     opt = cfg.optimizer
@@ -96,15 +103,18 @@ def curated_params(cfg: DictConfig) -> dict:
         "seed": cfg.seed,
         "hidden_sizes": list(cfg.model.hidden_sizes),
         "activation": cfg.model.activation,
+        "init": cfg.model.init,
         "dropout": cfg.model.dropout,
         "precision": cfg.trainer.precision,
         "accelerator": cfg.trainer.accelerator,
         "val_size": cfg.data.val_size,
         "split_seed": cfg.data.split_seed,
+        "validation": cfg.data.validation,
+        "test_ckpt": effective_test_ckpt(cfg),
     }
 
 
-def build_callbacks(callbacks_cfg: DictConfig, checkpoint_dir: Path, progress_bar: bool) -> list:
+def build_callbacks(callbacks_cfg: DictConfig, checkpoint_dir: Path, progress_bar: bool, validation: bool = True) -> list:
     from lightning.pytorch.callbacks import ProgressBar
 
     out = []
@@ -114,6 +124,8 @@ def build_callbacks(callbacks_cfg: DictConfig, checkpoint_dir: Path, progress_ba
         kwargs = {}
         if name == "model_checkpoint" and cb_cfg.get("dirpath") is None:
             kwargs["dirpath"] = str(checkpoint_dir)
+        if name == "model_checkpoint" and not validation:
+            kwargs["monitor"] = None  # nothing to rank by: its file holds the latest epoch
         cb = hydra.utils.instantiate(cb_cfg, **kwargs)
         if isinstance(cb, ProgressBar) and not progress_bar:
             continue
@@ -152,7 +164,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     torch.set_flush_denormal(bool(cfg.flush_denormal))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
-    dm = MnistDataModule(resolve(cfg.data.processed_dir, root), cfg.data.batch_size, cfg.data.eval_batch_size, cfg.seed)
+    dm = MnistDataModule(
+        resolve(cfg.data.processed_dir, root), cfg.data.batch_size, cfg.data.eval_batch_size, cfg.seed, cfg.data.validation
+    )
     meta = dm.load()  # fails here, before any run opens, when data/processed is missing
     model = MnistMLP(
         model=OmegaConf.to_container(cfg.model, resolve=True),
@@ -182,16 +196,21 @@ def _fit_and_test(cfg, tracked, model, dm, meta, history, overrides, threads, ou
     import hydra
 
     with tracked as run:
-        callbacks = [history] + build_callbacks(cfg.callbacks, ckpt_dir, cfg.trainer.enable_progress_bar)
+        validation = cfg.data.validation
+        callbacks = [history] + build_callbacks(cfg.callbacks, ckpt_dir, cfg.trainer.enable_progress_bar, validation)
         logger = False
         if run is not None:
             callbacks.append(run.callback())
             logger = run.logger()
             run.log_params(curated_params(cfg))
             run.client.set_tag(run.run_id, "mnistlab.torch_threads", str(threads))
+            run.client.set_tag(run.run_id, "mnistlab.validation", str(validation).lower())
             run.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
             run.log_text("\n".join(overrides) + "\n", "overrides.txt")
-        trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(out_dir))
+        trainer = hydra.utils.instantiate(
+            cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(out_dir),
+            **({} if validation else NO_VALIDATION),
+        )
         if run is not None:
             from mnistlab.run_info import device_name
 
@@ -206,14 +225,15 @@ def _fit_and_test(cfg, tracked, model, dm, meta, history, overrides, threads, ou
         rows = list(history.rows)  # test(ckpt_path="best") restores callback state from that checkpoint
         epochs_run = len(rows)
         ckpt_cb = trainer.checkpoint_callback
-        test_ckpt = "best" if cfg.test_ckpt == "best" and ckpt_cb is not None and ckpt_cb.best_model_path else None
+        best = effective_test_ckpt(cfg) == "best" and ckpt_cb is not None and ckpt_cb.best_model_path
+        test_ckpt = "best" if best else None  # None: the weights in memory, i.e. the last epoch's
         trainer.test(model, datamodule=dm, ckpt_path=test_ckpt, verbose=False)
         test_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
 
         metrics = {  # keys: _SUMMARY_KEYS
             "test/acc": test_metrics["test/acc"],
             "test/loss": test_metrics["test/loss"],
-            "val/acc_best": fit_metrics.get("val/acc_best", float("nan")),
+            **({"val/acc_best": fit_metrics.get("val/acc_best", float("nan"))} if validation else {}),
             "epochs": epochs_run,
             "fit_seconds": round(fit_seconds, 3),
             "samples_per_second": round(model.samples_seen / fit_seconds, 1),

@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from mnistlab.data.preprocess import load_processed
+from mnistlab.data.preprocess import load_processed, unsplit
 
 PIXEL_MAX = 255.0
 
@@ -46,12 +46,16 @@ class DeviceBatches:
 
 
 class MnistDataModule(pl.LightningDataModule):
-    """Loads data/processed once and keeps each split, flattened and scaled to [0, 1], on the trainer's device."""
+    """Loads data/processed once and keeps each split, flattened and scaled to [0, 1], on the trainer's device.
 
-    def __init__(self, processed_dir: Path, batch_size: int, eval_batch_size: int, seed: int):
+    validation=False trains on train + val (all training images, in the raw file's order, so a seed gives the
+    same batches whatever the preprocess split) and has no val split; the trainer must then skip validation.
+    """
+
+    def __init__(self, processed_dir: Path, batch_size: int, eval_batch_size: int, seed: int, validation: bool = True):
         super().__init__()
-        self.processed_dir, self.batch_size, self.eval_batch_size, self.seed = (
-            Path(processed_dir), batch_size, eval_batch_size, seed,
+        self.processed_dir, self.batch_size, self.eval_batch_size, self.seed, self.validation = (
+            Path(processed_dir), batch_size, eval_batch_size, seed, validation,
         )
         self.meta: dict = {}
         self._splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -60,6 +64,9 @@ class MnistDataModule(pl.LightningDataModule):
         """Read meta.json (and fail early with the fix when data/processed is missing)."""
         if not self.meta:
             self._arrays, self.meta = load_processed(self.processed_dir)
+            if not self.validation:
+                val = self._arrays.pop("val")
+                self._arrays["train"] = unsplit(self._arrays["train"], val, self.meta["val_size"], self.meta["split_seed"])
         return self.meta
 
     def _device(self) -> torch.device:

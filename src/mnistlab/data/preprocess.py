@@ -23,6 +23,19 @@ def split_indices(n: int, val_size: int, split_seed: int) -> tuple[np.ndarray, n
     return np.sort(perm[val_size:]), np.sort(perm[:val_size])
 
 
+def unsplit(train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray], val_size: int,
+            split_seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The inverse of split_indices: train + val back in the raw file's order, whatever the split was."""
+    n = train[1].shape[0] + val[1].shape[0]
+    train_idx, val_idx = split_indices(n, val_size, split_seed)
+    out = []
+    for a, b in zip(train, val):
+        whole = np.empty((n, *a.shape[1:]), dtype=a.dtype)
+        whole[train_idx], whole[val_idx] = a, b
+        out.append(whole)
+    return out[0], out[1]
+
+
 def data_checksum(hashes: dict[str, str]) -> str:
     """One short id for the dataset content, used as a run tag."""
     import hashlib
