@@ -277,6 +277,7 @@ def reproduce(n_seeds: int, overrides: list[str], out_dir: Path, presets: tuple[
             **environment_tags()}
     start = time.perf_counter()
     with TrackedRun(uri, exp_id, f"reproduce {'+'.join(presets)} x{n_seeds} {stamp}", tags, synchronous=True) as parent:
+        parent.log_params({"seeds": n_seeds, "presets": " ".join(presets), "overrides": " ".join(overrides)})
         os.environ[PARENT_ENV] = parent.run_id
         try:
             for (preset, seed), cfg in configs.items():
@@ -291,6 +292,7 @@ def reproduce(n_seeds: int, overrides: list[str], out_dir: Path, presets: tuple[
             "wall_seconds": round(time.perf_counter() - start, 1), "parent_run_id": parent.run_id,
             "summary": summarize(rows), "runs": rows,
         }
+        parent.log_metrics({"wall_seconds": report["wall_seconds"]})
         files = {"reproduce.md": render_markdown(report), "reproduce.json": json.dumps(report, indent=2) + "\n",
                  "reproduce.csv": rows_csv(rows)}
         for name, text in files.items():
