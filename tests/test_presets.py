@@ -67,6 +67,30 @@ def test_keras_init_is_glorot_uniform_with_zero_bias():
         assert k.weight.std().item() == pytest.approx(glorot / math.sqrt(3), rel=0.02)
 
 
+def test_keras_rmsprop_divides_by_the_root_of_v_plus_eps():
+    """One step from v = 0 on a large and a tiny gradient: Keras' form vs torch's, from the two formulas."""
+    from mnistlab.optim import KerasRMSprop
+
+    cfg = compose(["experiment=chollet", "optimizer=rmsprop_keras"])
+    assert validate(cfg) is None and cfg.optimizer.alpha == 0.9 and cfg.optimizer.eps == 1e-7
+    lr, rho, eps = cfg.optimizer.lr, cfg.optimizer.alpha, cfg.optimizer.eps
+    g = torch.tensor([0.5, 1e-5], dtype=torch.float64)
+    steps = {}
+    for cls in (KerasRMSprop, torch.optim.RMSprop):
+        w = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+        opt = cls([w], lr=lr, alpha=rho, eps=eps)
+        w.grad = g.clone()
+        opt.step()
+        steps[cls] = -w.detach()
+    v = (1 - rho) * g**2
+    assert torch.allclose(steps[KerasRMSprop], lr * g / torch.sqrt(v + eps), rtol=1e-12)
+    assert torch.allclose(steps[torch.optim.RMSprop], lr * g / (torch.sqrt(v) + eps), rtol=1e-12)
+    ratio = steps[KerasRMSprop] / steps[torch.optim.RMSprop]
+    assert ratio[0] == pytest.approx(1, abs=1e-5) and ratio[1] < 0.05  # equal for large gradients only
+    with pytest.raises(ConfigError, match=r"optimizer\.momentum"):
+        validate(compose(["optimizer=rmsprop_keras", "optimizer.momentum=0.9"]))
+
+
 @pytest.mark.parametrize(
     "overrides, key",
     [

@@ -44,6 +44,9 @@ def problems(cfg: DictConfig) -> list[str]:
         check(_num(opt.eps) and opt.eps > 0, "optimizer.eps", "must be > 0")
     if "weight_decay" in opt:
         check(_num(opt.weight_decay) and opt.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
+    if opt.get("_target_") == "mnistlab.optim.KerasRMSprop":
+        for key in ("momentum", "centered", "weight_decay"):
+            check(not opt.get(key), f"optimizer.{key}", "optimizer=rmsprop_keras has none: set it to 0/false")
 
     check(_int(data.batch_size) and data.batch_size >= 1, "data.batch_size", "must be an integer >= 1")
     check(_int(data.eval_batch_size) and data.eval_batch_size >= 1, "data.eval_batch_size", "must be an integer >= 1")
