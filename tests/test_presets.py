@@ -15,6 +15,8 @@ from omegaconf import OmegaConf
 from conftest import PROJECT_ROOT, compose, fast_overrides, write_npz
 from mnistlab.config import ConfigError, validate
 
+BEGIN, END = "<!-- reproduce:begin -->", "<!-- reproduce:end -->"
+
 
 def _optimizer(cfg):
     from mnistlab.model import MnistMLP
@@ -168,7 +170,7 @@ def test_reproduce_report_equals_a_direct_computation_from_the_runs(tmp_path, pr
     from mlflow import MlflowClient
     from scipy import stats
 
-    from mnistlab.reproduce import BEGIN, END, PUBLISHED, reproduce, results_table
+    from mnistlab.reproduce import PUBLISHED, rebuild, reproduce, results_table
     from mnistlab.tracking.store import default_tracking_uri
     from mnistlab.tracking.tags import PARENT_TAG
 
@@ -206,6 +208,9 @@ def test_reproduce_report_equals_a_direct_computation_from_the_runs(tmp_path, pr
         assert s["test/acc published in ci"] == bool(low <= PUBLISHED[preset]["test/acc"] <= high)
     text = readme.read_text()
     assert text == f"intro\n{BEGIN}\n{results_table(saved['summary'])}{END}\noutro\n"
+    # --parent: the same report again from MLflow alone, without training
+    again = rebuild(report["parent_run_id"], overrides, tmp_path / "again", None)
+    assert again["summary"] == report["summary"] and again["overrides"] == report["overrides"]
 
 
 def test_reproduce_refuses_bad_flags_before_training(tmp_path, capsys):
@@ -220,7 +225,7 @@ def test_reproduce_refuses_bad_flags_before_training(tmp_path, capsys):
 
 
 def test_readme_results_table_is_generated_from_the_committed_report():
-    from mnistlab.reproduce import BEGIN, END, results_table
+    from mnistlab.reproduce import results_table
 
     report = json.loads((PROJECT_ROOT / "reports" / "reproduce.json").read_text())
     # real MNIST, the presets' own epochs: nothing that changes what trains was overridden

@@ -31,10 +31,9 @@ PUBLISHED = {
 }
 # The chapter's claim: "a decent accuracy of 96 % after roughly 2 epochs" (train accuracy, as Keras prints it).
 CLAIM_ACC, CLAIM_EPOCHS = 0.96, 2
-CONFIDENCE = 0.95
 REPRODUCE_TAG = "mnistlab.reproduce"  # "true" on the parent run
 OVERRIDES_TAG = "mnistlab.reproduce_overrides"  # JSON list of the extra overrides every run got
-BEGIN, END = "<!-- reproduce:begin -->", "<!-- reproduce:end -->"
+README_TAG = "reproduce"  # the README's <!-- reproduce:begin --> ... <!-- reproduce:end -->
 
 
 class ReproduceError(ValueError):
@@ -43,16 +42,16 @@ class ReproduceError(ValueError):
 
 # ---------------------------------------------------------------------------------------------------- statistics
 def interval(values: list[float]) -> dict:
-    """Mean, sample std, the Student-t 95 % CI of the mean and the 95 % prediction interval of one more run."""
+    """The study's mean and Student-t 95 % CI of the mean (report.mean_ci), plus the 95 % prediction interval
+    of one more run (where a single published run may fall) and the range."""
     from scipy import stats
 
-    n = len(values)
-    mean = sum(values) / n
-    std = float(stats.tstd(values)) if n > 1 else float("nan")
-    t = float(stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1)) if n > 1 else float("nan")
-    half_ci, half_pi = t * std / math.sqrt(n), t * std * math.sqrt(1 + 1 / n)
-    return {"n": n, "mean": mean, "std": std, "ci": [mean - half_ci, mean + half_ci],
-            "pi": [mean - half_pi, mean + half_pi], "min": min(values), "max": max(values)}
+    from mnistlab.report import CI_LEVEL, mean_ci
+
+    n, m = len(values), mean_ci(values)
+    half_pi = float(stats.t.ppf(0.5 + CI_LEVEL / 2, n - 1)) * m["sd"] * math.sqrt(1 + 1 / n) if n > 1 else math.nan
+    return {"n": n, "mean": m["mean"], "std": m["sd"], "ci": [m["low"], m["high"]],
+            "pi": [m["mean"] - half_pi, m["mean"] + half_pi], "min": min(values), "max": max(values)}
 
 
 def first_epoch_reaching(history: list[float], threshold: float) -> int | None:
@@ -174,23 +173,6 @@ def rows_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def update_readme(readme: Path, table: str) -> bool:
-    """Replace the text between the README's reproduce markers with `table`; False when unchanged."""
-    text = readme.read_text()
-    head, rest = text.split(BEGIN, 1)
-    new = f"{head}{BEGIN}\n{table}{END}{rest.split(END, 1)[1]}"
-    if new != text:
-        _write_atomic(readme, new)
-    return new != text
-
-
 # ---------------------------------------------------------------------------------------------------- runs
 def run_rows(client, parent_run_id: str) -> list[dict]:
     """One row per finished child run of the parent: what MLflow recorded, plus the derived numbers."""
@@ -237,8 +219,9 @@ def check_args(presets: list[str], n_seeds: int, readme: Path | None) -> None:
         raise ReproduceError(f"--presets {' '.join(unknown)}: no such experiment in conf/experiment/ (have {known}).")
     if n_seeds < 2:
         raise ReproduceError(f"--seeds {n_seeds}: a confidence interval needs at least 2 seeds; pass --seeds 2 or more.")
-    if readme is not None and not (readme.is_file() and BEGIN in readme.read_text() and END in readme.read_text()):
-        raise ReproduceError(f"--readme {readme}: no such file, or it lacks the `{BEGIN}` ... `{END}` markers the "
+    begin, end = f"<!-- {README_TAG}:begin -->", f"<!-- {README_TAG}:end -->"
+    if readme is not None and not (readme.is_file() and begin in readme.read_text() and end in readme.read_text()):
+        raise ReproduceError(f"--readme {readme}: no such file, or it lacks the `{begin}` ... `{end}` markers the "
                              "results table goes between; add them, or pass --readme ''.")
 
 
@@ -309,6 +292,9 @@ def build_report(client, parent_run_id: str) -> dict:
 
 def write_report(client, parent_run_id: str, out_dir: Path, readme: Path | None) -> dict:
     """reproduce.{md,json,csv} into `out_dir` and onto the parent run; the README's table when `readme` is set."""
+    from mnistlab.report import quote_into_readme
+    from mnistlab.train import _write_atomic
+
     report = build_report(client, parent_run_id)
     files = {"reproduce.md": render_markdown(report), "reproduce.json": json.dumps(report, indent=2) + "\n",
              "reproduce.csv": rows_csv(report["runs"])}
@@ -316,7 +302,7 @@ def write_report(client, parent_run_id: str, out_dir: Path, readme: Path | None)
         _write_atomic(out_dir / name, text)
         client.log_text(parent_run_id, text, name)
     if readme is not None:
-        update_readme(readme, results_table(report["summary"]))
+        quote_into_readme(readme, README_TAG, results_table(report["summary"]))
     return report
 
 

@@ -343,8 +343,9 @@ def main(cfg: DictConfig) -> float | None:
     hc = _hydra()
     in_sweep = hc is not None and str(hc.mode) == "RunMode.MULTIRUN"
     try:
-        # The sweep objective: never the test accuracy (tuning on test is optimistic by construction).
-        return train(cfg)["val/acc_best"]
+        # The sweep objective: never the test accuracy (tuning on test is optimistic by construction); a
+        # validation-free run (data.validation=false) has none and returns None.
+        return train(cfg).get("val/acc_best")
     except Exception as e:
         if not in_sweep:
             if isinstance(e, (ConfigError, MnistDataError)):

@@ -27,7 +27,7 @@ _NOT_SEMANTIC_NESTED = (
     "callbacks.finite_loss.check_every_n_steps",
 )
 # The modules whose code decides a trial's numbers; editing one of them invalidates earlier results.
-_NUMERIC_MODULES = ("model.py", "callbacks.py", "data/datamodule.py")
+_NUMERIC_MODULES = ("model.py", "callbacks.py", "data/datamodule.py", "optim.py")
 
 
 def _code_digest() -> str:
