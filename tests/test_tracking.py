@@ -106,13 +106,17 @@ def test_non_finite_loss_ends_failed_with_the_error(tmp_path, processed_dir):
     assert not (tmp_path / "out" / "metrics.json").exists()
 
 
-@pytest.mark.parametrize("signum, error", [(signal.SIGINT, "KeyboardInterrupt"), (signal.SIGTERM, "SIGTERMException")])
-def test_interrupt_or_sigterm_ends_killed(tmp_path, processed_dir, signum, error):
+@pytest.mark.parametrize("signum, error, code", [(signal.SIGINT, "KeyboardInterrupt", 130), (signal.SIGTERM, "SIGTERMException", 143)])
+def test_interrupt_or_sigterm_ends_killed(tmp_path, processed_dir, signum, error, code):
+    """In-process; test_faults.py checks the exit status of a real `python -m mnistlab.train` process."""
+    from mnistlab.exits import interrupt_exit_code
+
     overrides = fast_overrides(tmp_path, processed_dir, epochs=3) + [
         "+callbacks.interrupt._target_=test_train.SigintAtEpoch", "+callbacks.interrupt.epoch=1",
         f"+callbacks.interrupt.signum={int(signum)}"]
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as raised:
         train(compose(overrides))
+    assert interrupt_exit_code(raised.value) == code, "the exit status mnistlab-train gives this exception"
     (run,) = _runs(_client(tmp_path))
     assert run.info.status == "KILLED"
     assert error in run.data.tags["mnistlab.error"]

@@ -9,6 +9,9 @@ from omegaconf import DictConfig, OmegaConf
 ACTIVATIONS = ("relu", "tanh", "sigmoid", "gelu")
 INITS = ("torch", "keras")
 MNIST_TRAIN_SIZE = 60000
+MAX_SEED = 2**32 - 1  # numpy's (and Lightning's seed_everything) accepted range
+# ckpt_path values Lightning resolves itself rather than as a file
+CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
 
 
 class ConfigError(ValueError):
@@ -55,7 +58,7 @@ def problems(cfg: DictConfig) -> list[str]:
         "data.val_size",
         f"the validation split must hold 1..{MNIST_TRAIN_SIZE - 1} of the training images",
     )
-    check(_int(data.split_seed), "data.split_seed", "must be an integer")
+    check(_int(data.split_seed) and 0 <= data.split_seed <= MAX_SEED, "data.split_seed", f"must be an integer in 0..{MAX_SEED}")
     check(isinstance(data.get("validation"), bool), "data.validation", "must be true or false")
 
     hidden = model.hidden_sizes
@@ -76,7 +79,7 @@ def problems(cfg: DictConfig) -> list[str]:
         "trainer.log_every_n_steps",
         "must be an integer >= 1",
     )
-    check(_int(cfg.seed), "seed", "must be an integer")
+    check(_int(cfg.seed) and 0 <= cfg.seed <= MAX_SEED, "seed", f"must be an integer in 0..{MAX_SEED} (numpy's seed range)")
     check(cfg.num_threads is None or (_int(cfg.num_threads) and cfg.num_threads >= 1), "num_threads", "null or >= 1")
     check(cfg.test_ckpt in ("best", "last"), "test_ckpt", "must be 'best' or 'last'")
     check(isinstance(cfg.flush_denormal, bool), "flush_denormal", "must be true or false")
@@ -96,6 +99,93 @@ def problems(cfg: DictConfig) -> list[str]:
             "must be an integer >= 1",
         )
     return out
+
+
+def input_problems(cfg: DictConfig, root) -> list[str]:
+    """What the config points at, checked before data loads or a run opens: the checkpoint to resume, the MLflow
+    store, and that the split parameters are the ones data/processed was made with."""
+    from pathlib import Path
+
+    from mnistlab.paths import resolve
+
+    out = []
+    ckpt = cfg.get("ckpt_path")
+    if ckpt and str(ckpt) not in CKPT_KEYWORDS and "://" not in str(ckpt):
+        out += _checkpoint_problems(resolve(ckpt, root))
+    if cfg.logger.enabled:
+        out += _store_problems(cfg, root)
+    meta_file = resolve(cfg.data.processed_dir, root) / "meta.json"
+    # missing data fails in the data module, with its own fix; without validation the split is not used
+    if meta_file.is_file() and cfg.data.get("validation", True) is not False:
+        import json
+
+        meta = json.loads(meta_file.read_text())
+        for key in ("val_size", "split_seed"):
+            if key in meta and cfg.data.get(key) != meta[key]:
+                out.append(
+                    f"data.{key}={cfg.data.get(key)!r}, but {meta_file.parent} was split with data.{key}={meta[key]!r}: "
+                    f"the split is made by the preprocess stage, so this override cannot take effect at train time. "
+                    f"Re-run that stage with it (`dvc repro preprocess` after setting it in conf/data/, or "
+                    f"`python -m mnistlab.data.preprocess data.{key}={cfg.data.get(key)}`), or drop the override"
+                )
+    return out
+
+
+def _checkpoint_problems(path) -> list[str]:
+    import zipfile
+
+    if not path.is_file():
+        return [f"ckpt_path={str(path)!r}: no such file; give the path of a Lightning checkpoint "
+                f"(e.g. logs/runs/<run>/checkpoints/last.ckpt) or `ckpt_path=last`"]
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is not a checkpoint
+        return [f"ckpt_path={str(path)!r}: not a PyTorch/Lightning checkpoint (not a torch.save archive)"]
+    try:
+        import torch
+
+        keys = set(torch.load(path, map_location="cpu", weights_only=False, mmap=True))
+    except Exception as e:
+        return [f"ckpt_path={str(path)!r}: unreadable checkpoint ({type(e).__name__}: {e})"]
+    if not {"state_dict", "pytorch-lightning_version"} <= keys:
+        return [f"ckpt_path={str(path)!r}: a torch file but not a Lightning checkpoint (no state_dict / version)"]
+    return []
+
+
+def _store_problems(cfg: DictConfig, root) -> list[str]:
+    """The project's SQLite store: its folder creatable and writable, its database a readable SQLite file."""
+    import os
+    import sqlite3
+
+    from mnistlab.paths import resolve, workspace_root
+    from mnistlab.tracking.store import DB_NAME
+
+    if cfg.logger.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI"):
+        return []  # a server or another store: MLflow reports its own errors
+    mlruns = resolve(cfg.paths.mlruns_dir, workspace_root(root))
+    try:
+        mlruns.mkdir(parents=True, exist_ok=True)
+        probe = mlruns / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        return [f"paths.mlruns_dir={str(mlruns)!r}: the MLflow store's folder is not usable ({e.strerror or e}); "
+                f"point paths.mlruns_dir at a writable folder, or use logger=none"]
+    db = mlruns / DB_NAME
+    if db.is_file() and db.stat().st_size:
+        try:
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+                con.execute("select count(*) from sqlite_master").fetchone()
+        except sqlite3.DatabaseError as e:
+            return [f"{db} is corrupt, not a readable MLflow SQLite database ({e}). Move it aside to start a new "
+                    f"store (`mv {db} {db}.corrupt`) or restore it from a backup; runs in it cannot be read"]
+    return []
+
+
+def validate_inputs(cfg: DictConfig, root) -> None:
+    """Raise ConfigError listing every problem with what `cfg` points at (see input_problems)."""
+    found = input_problems(cfg, root)
+    if found:
+        lines = "\n".join(f"  - {p}" for p in found)
+        raise ConfigError(f"Invalid inputs ({len(found)} problem(s)); nothing was started:\n{lines}")
 
 
 def validate(cfg: DictConfig) -> None:

@@ -43,6 +43,28 @@ def root_of(configured: str | None) -> Path:
     return Path(configured).resolve() if configured else project_root()
 
 
+def unique_stamp() -> str:
+    """`2026-11-24_15-40-01_123456_3fa9c2`: a run or sweep dir name that stays unique for simultaneous starts
+    (Hydra's `${now:}` has 1-second resolution: two sweeps started together shared a dir and a parent run)."""
+    import datetime
+    import secrets
+
+    return f"{datetime.datetime.now():%Y-%m-%d_%H-%M-%S_%f}_{secrets.token_hex(3)}"
+
+
+def _register_resolvers() -> None:
+    """`${mnistlab.stamp:}` for conf/hydra. Cached like Hydra's `${now:}`: the value lives in the config's resolver
+    cache, which Hydra copies into every trial's config (load_sweep_config) and which travels with the pickled
+    config to joblib/submitit workers, so a trial never computes a different dir than its parent."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("mnistlab.stamp"):
+        OmegaConf.register_new_resolver("mnistlab.stamp", unique_stamp, use_cache=True)
+
+
+_register_resolvers()
+
+
 def resolve(path: str | os.PathLike, root: Path) -> Path:
     """An absolute path: `path` itself if absolute, else relative to `root`."""
     p = Path(os.path.expanduser(str(path)))

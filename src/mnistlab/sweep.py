@@ -13,7 +13,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from mnistlab.paths import resolve, root_of
-from mnistlab.tracking.tags import SWEEP_TAG
+from mnistlab.tracking.tags import SWEEP_DIR_TAG, SWEEP_TAG
 
 log = logging.getLogger("mnistlab.sweep")
 
@@ -28,6 +28,8 @@ class MlflowSweepCallback(Callback):
         self.client = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        for stale in Path(str(config.hydra.sweep.dir)).glob(f"**/{TRIAL_STATUS_FILE}"):  # a re-used sweep dir
+            stale.unlink()
         if not config.logger.enabled:
             return
         from mlflow import MlflowClient
@@ -44,7 +46,7 @@ class MlflowSweepCallback(Callback):
         commit, dirty = git_state(root)
         tags = {
             SWEEP_TAG: "true",
-            "mnistlab.sweep_dir": str(sweep_dir),
+            SWEEP_DIR_TAG: str(sweep_dir.resolve()),
             "mnistlab.launcher": str(config.hydra.launcher.get("_target_", "")),
             "mnistlab.sweeper_params": str(dict(config.hydra.sweeper.get("params") or {})),
             "mlflow.source.git.commit": commit,
@@ -66,17 +68,47 @@ class MlflowSweepCallback(Callback):
             if self.client.get_run(self.parent_id).info.status == "RUNNING":
                 self.client.set_terminated(self.parent_id, "KILLED")
 
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        if _in_sweep(config):
+            write_trial_status(Path(config.hydra.runtime.output_dir), "RUNNING", pid=os.getpid())
+
+    def on_job_end(self, config: DictConfig, job_return=None, **kwargs) -> None:
+        """The trial's own verdict, in its dir: the exit code must not depend on MLflow being usable."""
+        from hydra.core.utils import JobStatus
+
+        if _in_sweep(config) and job_return is not None:
+            ok = job_return.status == JobStatus.COMPLETED and job_return._return_value is not None
+            error = "" if ok else str(job_return._return_value if job_return.status == JobStatus.FAILED else "see its log")
+            write_trial_status(Path(config.hydra.runtime.output_dir), "FINISHED" if ok else "FAILED", error)
+
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        if not self.parent_id:
-            return
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        if self.parent_id:
+            self._report(config, sweep_dir)
+        statuses = read_trial_statuses(sweep_dir)
+        finished = sum(s["status"] == "FINISHED" for s in statuses)
+        died = [s for s in statuses if s["status"] not in ("FINISHED", "FAILED")]
+        # Failed trials are study outcomes (e.g. a diverging lr) and leave the exit code 0; a sweep where nothing
+        # trained, or where a trial's process died (killed, OOM), is incomplete: exit 1. SystemExit, because Hydra
+        # turns callback exceptions into warnings.
+        if statuses and not finished:
+            print(f"error: all {len(statuses)} trials of the sweep failed; see each trial's log in {sweep_dir}",
+                  file=sys.stderr)
+            raise SystemExit(1)
+        if died:
+            print(f"error: {len(died)} of {len(statuses)} trials did not end (process killed or died): "
+                  + "; ".join(f"{s['dir']}: {s.get('error') or s['status']}" for s in died), file=sys.stderr)
+            raise SystemExit(1)
+
+    def _report(self, config: DictConfig, sweep_dir: Path) -> None:
         from mnistlab.report import write_sweep_report
         from mnistlab.tracking.run import PARENT_ENV
 
         root = root_of(config.paths.root)
-        out_dirs = [Path(str(config.hydra.sweep.dir))]
+        out_dirs = [sweep_dir]
         if config.paths.get("sweep_reports_dir"):
             out_dirs.append(resolve(config.paths.sweep_reports_dir, root))
-        status, summary = "FAILED", None
+        status = "FAILED"
         try:
             summary = write_sweep_report(self.client, self.parent_id, out_dirs)
             status = "FINISHED" if summary["finished"] else "FAILED"
@@ -92,12 +124,36 @@ class MlflowSweepCallback(Callback):
             self.client.set_terminated(self.parent_id, status)
             os.environ.pop(PARENT_ENV, None)
             self.parent_id = None
-        if summary is not None and summary["trials"] and not summary["finished"]:
-            # Single failed trials are study outcomes (e.g. a diverging lr) and leave the exit code 0; a sweep
-            # where nothing trained is an error. SystemExit, because Hydra turns callback exceptions into warnings.
-            print(f"error: all {summary['trials']} trials of the sweep failed; see {out_dirs[-1] / 'sweep.csv'} "
-                  f"and each trial's log in {out_dirs[0]}", file=sys.stderr)
-            raise SystemExit(1)
+
+
+TRIAL_STATUS_FILE = ".mnistlab_trial.json"
+
+
+def _in_sweep(config: DictConfig) -> bool:
+    return str(config.hydra.mode) == "RunMode.MULTIRUN"
+
+
+def write_trial_status(trial_dir: Path, status: str, error: str = "", pid: int | None = None) -> None:
+    """RUNNING at the start, FINISHED/FAILED at the end (or DIED, written by the launcher when the trial's
+    process is gone); one that stays RUNNING never ended."""
+    import json
+
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    tmp = trial_dir / f".{TRIAL_STATUS_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps({"status": status, "error": error[:2000], "pid": pid}) + "\n")
+    tmp.replace(trial_dir / TRIAL_STATUS_FILE)
+
+
+def read_trial_statuses(sweep_dir: Path) -> list[dict]:
+    import json
+
+    out = []
+    for f in sorted(sweep_dir.glob(f"**/{TRIAL_STATUS_FILE}")):
+        try:
+            out.append({**json.loads(f.read_text()), "dir": str(f.parent)})
+        except ValueError:
+            out.append({"status": "UNREADABLE", "dir": str(f.parent)})
+    return out
 
 
 def study_main(argv: list[str] | None = None) -> None:

@@ -14,8 +14,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from mnistlab.config import ConfigError, validate
-from mnistlab.paths import CONF_DIR, resolve, root_of
+from mnistlab.config import ConfigError, validate, validate_inputs
+from mnistlab.paths import CONF_DIR, resolve, root_of, unique_stamp
 
 log = logging.getLogger("mnistlab.train")
 # `${sweep_values:${study.lrs}}` turns a YAML list into a Hydra sweep ("0.001,0.01"), so the study's grid is
@@ -47,6 +47,8 @@ def parallel_jobs(hc) -> int:
     """How many trials run at once on this machine under the current Hydra launcher."""
     if hc is None or str(hc.mode) != "RunMode.MULTIRUN":
         return 1
+    if os.environ.get("MNISTLAB_PARALLEL_TRIALS"):  # set by mnistlab's launchers after capping (launching.py)
+        return max(1, int(os.environ["MNISTLAB_PARALLEL_TRIALS"]))
     launcher = hc.launcher
     target = str(launcher.get("_target_", ""))
     cores = available_cores()
@@ -139,7 +141,7 @@ def _dirs(paths_cfg: DictConfig, root: Path, hc) -> tuple[Path, Path, Path]:
     elif hc is not None:
         out = Path(hc.runtime.output_dir)
     else:
-        out = root / "logs" / "runs" / time.strftime("%Y-%m-%d_%H-%M-%S")
+        out = root / "logs" / "runs" / unique_stamp()
     reports = resolve(paths_cfg.reports_dir, root) if paths_cfg.reports_dir else out
     ckpts = resolve(paths_cfg.checkpoint_dir, root) if paths_cfg.checkpoint_dir else out / "checkpoints"
     return out, reports, ckpts
@@ -159,6 +161,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     quiet_lightning()
     hc = _hydra()
     root = root_of(cfg.paths.root)
+    validate_inputs(cfg, root)
     out_dir, reports_dir, ckpt_dir = _dirs(cfg.paths, root, hc)
     threads = configure_threads(cfg.num_threads, parallel_jobs(hc))
     torch.set_flush_denormal(bool(cfg.flush_denormal))
@@ -265,12 +268,12 @@ def _open_run(cfg: DictConfig, root: Path, overrides: list[str], meta: dict, hc)
         **environment_tags(),
     }
     sweep_dir = Path(hc.sweep.dir) if hc is not None and str(hc.mode) == "RunMode.MULTIRUN" else None
-    parent = parent_run_id(sweep_dir)
+    run = TrackedRun(uri, exp_id, "", tags, synchronous=cfg.logger.synchronous)
+    parent = parent_run_id(sweep_dir, run.client)
     if parent:
         tags[PARENT_TAG] = parent
         tags["mnistlab.trial"] = str(hc.job.num) if hc is not None else ""
     tags[CONFIG_HASH_TAG] = config_hash(cfg, meta["data_checksum"])
-    run = TrackedRun(uri, exp_id, "", tags, synchronous=cfg.logger.synchronous)
     base = cfg.logger.run_name or run_name(cfg.optimizer.name, cfg.optimizer.lr, cfg.data.batch_size, overrides)
     run.run_name = unique_run_name(run.client, exp_id, base)
     return run
@@ -337,7 +340,7 @@ def record_failed_trial(cfg: DictConfig, error: Exception) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
     from mnistlab.data.mnist_files import MnistDataError
 
     hc = _hydra()
@@ -358,6 +361,22 @@ def main(cfg: DictConfig) -> float | None:
         if cfg.logger.enabled and not getattr(e, "mlflow_run_id", None):
             record_failed_trial(cfg, e)
         return None
+
+
+def main() -> None:
+    """`mnistlab-train`: Hydra's main with the shell's exit statuses, 130 after Ctrl-C and 143 after SIGTERM
+    (for a single run and for a whole sweep), so a scheduler or `dvc repro` never reads an interrupt as success."""
+    from mnistlab.exits import install_sigterm_handler, interrupt_exit_code
+
+    install_sigterm_handler()
+    try:
+        hydra_main()
+    except BaseException as e:
+        code = interrupt_exit_code(e)
+        if code is None:
+            raise
+        print(f"mnistlab-train: stopped by {'SIGTERM' if code == 143 else 'Ctrl-C'}; exit status {code}", file=sys.stderr)
+        sys.exit(code)
 
 
 if __name__ == "__main__":

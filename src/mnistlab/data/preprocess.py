@@ -148,17 +148,28 @@ def run(data_cfg, root: Path) -> dict:
     return meta
 
 
+def recovery_hint(processed_dir: Path) -> str:
+    """What a failed preprocess left behind and how to get back (the DVC out is `persist`, so DVC kept it too)."""
+    if (processed_dir / META_NAME).is_file():
+        state = f"{processed_dir} was not changed: the previous split is still in place."
+    else:
+        state = f"There is no split in {processed_dir}."
+    return (f"{state} Fix the source and re-run; `dvc checkout data/processed` restores the split recorded in "
+            f"dvc.lock, `git checkout data.dvc dvc.lock && dvc checkout` the whole last committed data state.")
+
+
 def main() -> None:
     import hydra
 
-    from mnistlab.paths import CONF_DIR, project_root
+    from mnistlab.paths import CONF_DIR, project_root, resolve
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
     def _main(cfg) -> None:
+        root = project_root()
         try:
-            run(cfg.data, project_root())
+            run(cfg.data, root)
         except MnistDataError as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {e} {recovery_hint(resolve(cfg.data.processed_dir, root))}", file=sys.stderr)
             sys.exit(2)
 
     _main()

@@ -42,6 +42,24 @@ def clean_stale(client, experiment_names: list[str] | None = None, dry_run: bool
     return killed
 
 
+def end_runs_of_process(client, pid: int, status: str, reason: str) -> list[str]:
+    """End the RUNNING runs that process `pid` on this host opened (a sweep trial whose process died) with
+    `status` and `reason` on the run, as a failed run carries its error."""
+    from mnistlab.tracking.tags import ERROR_TAG
+
+    host = socket.gethostname()
+    exps = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(
+        exps, filter_string=f"attributes.status = 'RUNNING' and tags.`{PID_TAG}` = '{int(pid)}' and tags.`{HOST_TAG}` = '{host}'",
+        max_results=100,
+    )
+    for run in runs:
+        client.set_tag(run.info.run_id, ERROR_TAG, reason)
+        client.set_tag(run.info.run_id, NOTE_TAG, f"**{status}**: {reason}")
+        client.set_terminated(run.info.run_id, status)
+    return [r.info.run_id for r in runs]
+
+
 def main(argv: list[str] | None = None) -> None:
     from mlflow import MlflowClient
 

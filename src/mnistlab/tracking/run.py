@@ -19,7 +19,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from mnistlab.tracking.tags import ERROR_TAG, NOTE_TAG
+from mnistlab.tracking.tags import ERROR_TAG, NOTE_TAG, SWEEP_DIR_TAG
 
 MAX_TAG_CHARS = 5000
 
@@ -216,14 +216,26 @@ PARENT_ENV = "MNISTLAB_PARENT_RUN_ID"
 PARENT_FILE = ".mlflow_parent_run_id"
 
 
-def parent_run_id(sweep_dir: Path | None) -> str | None:
+def parent_run_id(sweep_dir: Path | None, client=None) -> str | None:
     """The sweep's parent run: from the file the sweep callback wrote in the sweep dir (works on any
-    launcher, even on cluster nodes that share the filesystem), else from the environment."""
+    launcher, even on cluster nodes that share the filesystem), else from the environment.
+
+    In a sweep, the parent must be the run of *this* sweep dir (its `mnistlab.sweep_dir` tag): a stale
+    environment variable or a file from another sweep never attaches a trial to the wrong parent."""
+    import logging
     import os
 
-    if sweep_dir is not None and (Path(sweep_dir) / PARENT_FILE).is_file():
-        return (Path(sweep_dir) / PARENT_FILE).read_text().strip() or None
-    return os.environ.get(PARENT_ENV) or None
+    file = Path(sweep_dir) / PARENT_FILE if sweep_dir is not None else None
+    found = (file.read_text().strip() if file is not None and file.is_file() else "") or os.environ.get(PARENT_ENV, "")
+    if not found or sweep_dir is None or client is None:
+        return found or None
+    tagged = client.get_run(found).data.tags.get(SWEEP_DIR_TAG, "")
+    if tagged and Path(tagged).resolve() == Path(sweep_dir).resolve():
+        return found
+    logging.getLogger(__name__).warning(
+        "parent run %s belongs to sweep dir %s, not %s: this trial is recorded without a parent", found, tagged, sweep_dir
+    )
+    return None
 
 
 def unique_run_name(client, experiment_id: str, base: str) -> str:

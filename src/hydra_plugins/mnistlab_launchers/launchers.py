@@ -1,0 +1,119 @@
+"""Hydra's JoblibLauncher and submitit LocalLauncher, with each trial contained (a dead trial is FAILED and the
+sweep goes on) and concurrency capped by cores and memory (mnistlab.launching)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, setup_globals
+from hydra_plugins.hydra_joblib_launcher.joblib_launcher import JoblibLauncher
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher
+from omegaconf import open_dict
+
+log = logging.getLogger(__name__)
+_config_lock = threading.Lock()
+
+
+def _dead_trial(launcher, overrides: Sequence[str], num: int, pid: int | None, reason: str) -> JobReturn:
+    """Record a trial whose process died; COMPLETED with no value (what a failed trial returns), because Hydra's
+    sweeper re-raises a FAILED JobReturn and that would end the sweep."""
+    from mnistlab.launching import record_dead_trial
+
+    with _config_lock:
+        cfg = launcher.hydra_context.config_loader.load_sweep_config(launcher.config, list(overrides))
+        with open_dict(cfg):
+            cfg.hydra.job.num = num
+    record_dead_trial(cfg, Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir), pid, reason)
+    ret = JobReturn(overrides=list(overrides), cfg=cfg, status=JobStatus.COMPLETED)
+    ret.return_value = None
+    return ret
+
+
+def _announce(launcher, job_overrides, initial_job_idx: int) -> None:
+    """Hydra's launchers' start: logging re-applied (MLflow's import in the sweep callback reconfigures it), the
+    sweep dir, one line per trial."""
+    setup_globals()
+    configure_log(launcher.config.hydra.hydra_logging, launcher.config.hydra.verbose)
+    sweep_dir = Path(str(launcher.config.hydra.sweep.dir))
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    log.info("Launching %d jobs, sweep output dir : %s", len(job_overrides), sweep_dir)
+    for i, overrides in enumerate(job_overrides):
+        log.info("\t#%d : %s", initial_job_idx + i, " ".join(filter_overrides(overrides)))
+
+
+class ContainedJoblibLauncher(JoblibLauncher):
+    """n_jobs trials at a time (capped by cores and memory), each in its own process (see mnistlab.launching)."""
+
+    def __init__(self, mem_per_trial_gb: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.mem_per_trial_gb = mem_per_trial_gb
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from hydra_plugins.hydra_joblib_launcher._core import execute_job
+
+        from mnistlab.launching import PARALLEL_ENV, ContainedTrials, trial_capacity
+        from mnistlab.train import available_cores
+
+        _announce(self, job_overrides, initial_job_idx)
+        n_jobs = self.joblib.get("n_jobs") or -1
+        requested = min(len(job_overrides), available_cores() if n_jobs < 0 else n_jobs)
+        n = trial_capacity(requested, self.mem_per_trial_gb)
+        os.environ[PARALLEL_ENV] = str(n)
+        state = Singleton.get_state()
+        jobs = [(initial_job_idx + i, list(o), self.hydra_context, self.config, self.task_function, state)
+                for i, o in enumerate(job_overrides)]
+        return ContainedTrials(n).run(
+            execute_job, jobs,
+            lambda i, pid, reason: _dead_trial(self, job_overrides[i], initial_job_idx + i, pid, reason),
+        )
+
+
+class CappedLocalLauncher(LocalLauncher):
+    """submitit_local, but at most max_parallel trials (capped by cores and memory) run at once, and a trial
+    whose process died is FAILED instead of ending the sweep (Hydra's launcher starts all and re-raises)."""
+
+    def __init__(self, mem_per_trial_gb: float, max_parallel: int | None = None, **params: Any) -> None:
+        super().__init__(**params)
+        self.mem_per_trial_gb, self.max_parallel = mem_per_trial_gb, max_parallel
+
+    def _executor(self):
+        """Hydra's executor set-up (BaseSubmititLauncher.launch), without its map_array."""
+        import submitit
+        from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+        from omegaconf import OmegaConf
+
+        executor = submitit.AutoExecutor(cluster=self._EXECUTOR, folder=self.params["submitit_folder"])
+        base = set(OmegaConf.structured(BaseQueueConf).keys())
+        executor.update_parameters(**{k if k in base else f"{self._EXECUTOR}_{k}": v
+                                      for k, v in self.params.items() if k != "submitit_folder"})
+        return executor
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from mnistlab.launching import PARALLEL_ENV, death_reason, trial_capacity
+
+        _announce(self, job_overrides, initial_job_idx)
+        n = trial_capacity(min(len(job_overrides), self.max_parallel or len(job_overrides)), self.mem_per_trial_gb)
+        os.environ[PARALLEL_ENV] = str(n)  # submitit's processes inherit it: train.py gives each cores // n threads
+        executor = self._executor()
+        pending = list(enumerate(job_overrides))
+        jobs: list = []
+        while pending or any(not j.done() for j in jobs):
+            while pending and sum(not j.done() for j in jobs) < n:
+                i, overrides = pending.pop(0)
+                num = initial_job_idx + i
+                jobs.append(executor.submit(self, list(overrides), "hydra.sweep.dir", num, f"job_id_for_{num}",
+                                            Singleton.get_state()))
+            time.sleep(0.5)
+        results = []
+        for i, job in enumerate(jobs):
+            try:
+                results.append(job.results()[0])
+            except Exception:  # submitit's UncompletedJobError: the trial's process died without a result
+                results.append(_dead_trial(self, job_overrides[i], initial_job_idx + i, None, death_reason(None)))
+        return results

@@ -1,0 +1,46 @@
+"""Exit statuses that tell a scheduler, CI or `dvc repro` the truth: 130 after Ctrl-C, 143 after SIGTERM.
+
+Lightning turns Ctrl-C into SystemExit(1) and SIGTERM into SIGTERMException, a SystemExit whose code is
+None, i.e. exit status 0; the original cause survives in the exception chain, which is what we read.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+EXIT_SIGINT = 128 + signal.SIGINT  # 130, the shell's status for a process stopped by Ctrl-C
+EXIT_SIGTERM = 128 + signal.SIGTERM  # 143
+
+
+def interrupt_exit_code(exc: BaseException | None) -> int | None:
+    """130 or 143 when `exc` (or anything in its chain) is an interrupt or a SIGTERM, else None."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, SIGTERMException):
+            return EXIT_SIGTERM
+        if isinstance(exc, KeyboardInterrupt):
+            return EXIT_SIGINT
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def raise_on_sigterm(signum, frame) -> None:
+    """SIGTERM outside a running Trainer stops the process the way Lightning does inside one.
+
+    While a Trainer runs, Lightning's handler is installed and calls this one as the previous handler;
+    then Lightning itself raises SIGTERMException at the next batch (after a clean checkpoint), so this
+    one does nothing.
+    """
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    if signal.getsignal(signal.SIGTERM) is raise_on_sigterm:
+        raise SIGTERMException()
+
+
+def install_sigterm_handler() -> None:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, raise_on_sigterm)
