@@ -6,8 +6,8 @@ with a NonFiniteLossError and would make the timing meaningless; speed does not 
 
 It runs `python -m mnistlab.train -m ...` as a subprocess twice, each into its own temp store and sweep dir:
   basic    launcher=basic: trials one after another in one process (torch threads = all cores)
-  joblib   launcher=joblib hydra.launcher.n_jobs=2: loky worker processes; the preset gives each worker
-           cores / n_jobs torch threads (OMP_NUM_THREADS is set to the same for the subprocess)
+  joblib   launcher=joblib hydra.launcher.n_jobs=2: one forked process per trial, 2 at a time (mnistlab's
+           launcher, src/mnistlab/launching.py); each trial gets cores / n_jobs torch threads (OMP_NUM_THREADS is set to the same for the subprocess)
 with MLflow tracking on (the default) and logger.log_model=false; plots, checkpoints and the sweep report stay on,
 as in a real study. Each trial's fit_seconds comes from its <sweep dir>/<n>/metrics.json and is cross-checked with
 the MLflow store (child runs, tag mlflow.parentRunId, metric fit_seconds), which also gives run durations.
