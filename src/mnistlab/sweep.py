@@ -73,13 +73,19 @@ class MlflowSweepCallback(Callback):
             write_trial_status(Path(config.hydra.runtime.output_dir), "RUNNING", pid=os.getpid())
 
     def on_job_end(self, config: DictConfig, job_return=None, **kwargs) -> None:
-        """The trial's own verdict, in its dir: the exit code must not depend on MLflow being usable."""
+        """The trial's own verdict, in its dir: the exit code must not depend on MLflow being usable. A trial
+        that failed inside train's main already wrote FAILED with its error (its objective is None either way:
+        a validation-free run has none)."""
+        import json
+
         from hydra.core.utils import JobStatus
 
-        if _in_sweep(config) and job_return is not None:
-            ok = job_return.status == JobStatus.COMPLETED and job_return._return_value is not None
-            error = "" if ok else str(job_return._return_value if job_return.status == JobStatus.FAILED else "see its log")
-            write_trial_status(Path(config.hydra.runtime.output_dir), "FINISHED" if ok else "FAILED", error)
+        trial_dir = Path(config.hydra.runtime.output_dir)
+        if not _in_sweep(config) or job_return is None:
+            return
+        if json.loads((trial_dir / TRIAL_STATUS_FILE).read_text()).get("status") == "RUNNING":
+            ok = job_return.status == JobStatus.COMPLETED
+            write_trial_status(trial_dir, "FINISHED" if ok else "FAILED", "" if ok else str(job_return._return_value))
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))

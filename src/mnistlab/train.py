@@ -358,6 +358,9 @@ def hydra_main(cfg: DictConfig) -> float | None:
         # A sweep goes on past a failed trial: the run is FAILED in MLflow, the sweep callback reports it
         # and makes the multirun exit non-zero at the end.
         log.exception("trial %s failed: %s", hc.job.num, e)
+        from mnistlab.sweep import write_trial_status
+
+        write_trial_status(Path(hc.runtime.output_dir), "FAILED", f"{type(e).__name__}: {e}")
         if cfg.logger.enabled and not getattr(e, "mlflow_run_id", None):
             record_failed_trial(cfg, e)
         return None
