@@ -137,7 +137,8 @@ SlurmdUser=root
 SlurmctldPort={free_port()}
 SlurmdPort={free_port()}
 AuthType=auth/munge
-AuthInfo=socket={munge_socket}
+# cred_expire also sets how long a requeued job waits before it may start again (default 120 s)
+AuthInfo=socket={munge_socket},cred_expire=20
 CredType=cred/munge
 StateSaveLocation={d / 'state'}
 SlurmdSpoolDir={d / 'spool'}
@@ -232,8 +233,14 @@ def postgres_uri(daemons) -> str:
     shutil.rmtree(base, ignore_errors=True)
 
 
+class Server(str):
+    """The server's URL, knowing where it stores the artifacts it proxies."""
+
+    artifacts_dir: Path
+
+
 @pytest.fixture(scope="session")
-def mlflow_server(daemons, postgres_uri, tmp_path_factory) -> str:
+def mlflow_server(daemons, postgres_uri, tmp_path_factory) -> Server:
     """`make server` as the README gives it: mlflow on the PostgreSQL store, artifacts proxied; returns its URL."""
     d = tmp_path_factory.mktemp("mlflow_server")
     port = free_port()
@@ -243,4 +250,6 @@ def mlflow_server(daemons, postgres_uri, tmp_path_factory) -> str:
         f"ARTIFACTS_DIR={d / 'artifacts'}", f"SERVER_PORT={port}"], log, cwd=PROJECT_ROOT, env=cli_env())
     url = f"http://127.0.0.1:{port}"
     wait_for(lambda: urllib.request.urlopen(f"{url}/health", timeout=2).status == 200, "mlflow server", 180, [(proc, log)])
-    return url
+    server = Server(url)
+    server.artifacts_dir = d / "artifacts"
+    return server

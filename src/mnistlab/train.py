@@ -179,7 +179,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     # Under DDP, Lightning re-launches this script once per extra GPU (RANK/LOCAL_RANK set): one run, on rank 0.
     rank_zero = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
-    tracked = _open_run(cfg, root, overrides, meta, hc) if cfg.logger.enabled and rank_zero else nullcontext(None)
+    tracked = _open_run(cfg, root, overrides, meta, hc, out_dir) if cfg.logger.enabled and rank_zero else nullcontext(None)
     if cfg.reuse_finished and cfg.logger.enabled and rank_zero:
         reused = _reuse_finished(tracked, out_dir)
         if reused is not None:
@@ -195,7 +195,11 @@ def _fit_and_test(cfg, tracked, model, dm, meta, history, overrides, threads, ou
     """Inside the tracked run: fit, test, then write and log the results."""
     import hydra
 
+    from mnistlab.cluster import lightning_plugins, remember_run, resume_checkpoint
+
     with tracked as run:
+        if run is not None:
+            remember_run(out_dir, run.run_id)  # a requeued start of this SLURM job continues this run
         validation = cfg.data.validation
         callbacks = [history] + build_callbacks(cfg.callbacks, ckpt_dir, cfg.trainer.enable_progress_bar, validation)
         logger = False
@@ -209,7 +213,7 @@ def _fit_and_test(cfg, tracked, model, dm, meta, history, overrides, threads, ou
             run.log_text("\n".join(overrides) + "\n", "overrides.txt")
         trainer = hydra.utils.instantiate(
             cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(out_dir),
-            **({} if validation else NO_VALIDATION),
+            plugins=lightning_plugins(), **({} if validation else NO_VALIDATION),
         )
         if run is not None:
             from mnistlab.run_info import device_name
@@ -217,7 +221,7 @@ def _fit_and_test(cfg, tracked, model, dm, meta, history, overrides, threads, ou
             run.client.set_tag(run.run_id, "mnistlab.device", device_name(trainer.strategy.root_device))
 
         start = time.perf_counter()
-        trainer.fit(model, datamodule=dm, ckpt_path=cfg.ckpt_path)
+        trainer.fit(model, datamodule=dm, ckpt_path=resume_checkpoint(cfg.ckpt_path, ckpt_dir))
         fit_seconds = time.perf_counter() - start
         if trainer.interrupted:
             raise KeyboardInterrupt("training was interrupted")
@@ -247,7 +251,8 @@ def _fit_and_test(cfg, tracked, model, dm, meta, history, overrides, threads, ou
     return metrics
 
 
-def _open_run(cfg: DictConfig, root: Path, overrides: list[str], meta: dict, hc):
+def _open_run(cfg: DictConfig, root: Path, overrides: list[str], meta: dict, hc, out_dir: Path | None = None):
+    from mnistlab.cluster import previous_run_id, restart_count
     from mnistlab.run_info import environment_tags, git_state, run_name
     from mnistlab.tracking.run import TrackedRun, parent_run_id, unique_run_name
     from mnistlab.tracking.resume import config_hash
@@ -270,7 +275,12 @@ def _open_run(cfg: DictConfig, root: Path, overrides: list[str], meta: dict, hc)
         tags[PARENT_TAG] = parent
         tags["mnistlab.trial"] = str(hc.job.num) if hc is not None else ""
     tags[CONFIG_HASH_TAG] = config_hash(cfg, meta["data_checksum"])
-    run = TrackedRun(uri, exp_id, "", tags, synchronous=cfg.logger.synchronous)
+    reopen = previous_run_id(out_dir) if out_dir is not None else None
+    if reopen:
+        tags["mnistlab.slurm_restarts"] = str(restart_count())
+    run = TrackedRun(uri, exp_id, "", tags, synchronous=cfg.logger.synchronous, reopen=reopen)
+    if reopen:
+        return run
     base = cfg.logger.run_name or run_name(cfg.optimizer.name, cfg.optimizer.lr, cfg.data.batch_size, overrides)
     run.run_name = unique_run_name(run.client, exp_id, base)
     return run
