@@ -241,11 +241,13 @@ def _fit_and_test(cfg, tracked, model, dm, meta, history, overrides, threads, ou
             "epochs": epochs_run,
             "fit_seconds": round(fit_seconds, 3),
             "samples_per_second": round(model.samples_seen / fit_seconds, 1),
+            "samples_seen": model.samples_seen,  # every rank's under DDP
         }
         if run is not None:
             _log_results(run, cfg, model, dm, rows, metrics, test_metrics, ckpt_cb, trainer.global_step, trainer.world_size)
-        write_curves_csv(reports_dir / CURVES_FILE, rows)
-        _write_atomic(reports_dir / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
+        if trainer.is_global_zero:  # DDP's other ranks share the output dir
+            write_curves_csv(reports_dir / CURVES_FILE, rows)
+            _write_atomic(reports_dir / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
     log.info("test/acc=%.4f test/loss=%.4f in %.1fs (%d epochs); metrics in %s",
              metrics["test/acc"], metrics["test/loss"], fit_seconds, epochs_run, reports_dir / METRICS_FILE)
     return metrics
@@ -315,7 +317,7 @@ def _log_results(run, cfg, model, dm, rows, metrics, test_metrics, ckpt_cb, step
     if cfg.logger.plots:
         figures = {
             "curves.png": plots.curves_figure(rows, run.run_name),
-            "confusion_matrix.png": plots.confusion_figure(model.test_confusion.compute().cpu().numpy()),
+            "confusion_matrix.png": plots.confusion_figure(model.test_confusion_matrix.numpy()),
         }
         x_test, y_test = dm.split("test")
         # this rank's test samples: its DDP shard (every world_size-th), cut by trainer.limit_test_batches
