@@ -32,6 +32,11 @@ def _pg_bin() -> Path | None:
     return Path(found[-1]).parent if found else None
 
 
+def tool(name: str) -> str:
+    """A SLURM/munge program: on PATH, else in /usr/sbin (not on a non-root PATH)."""
+    return shutil.which(name) or str(Path("/usr/sbin", name))
+
+
 def missing() -> str | None:
     """Why the cluster tests cannot run here, or None."""
     gone = [t for t in SLURM_TOOLS if shutil.which(t) is None and not Path("/usr/sbin", t).exists()]
@@ -188,7 +193,7 @@ def slurm(daemons, tmp_path_factory) -> Slurm:
     key.chmod(0o400)
     sock = munge / "munge.socket"
     munged = daemons.start("munged", [
-        "munged", "-F", "--force", f"--socket={sock}", f"--key-file={key}", f"--log-file={munge / 'munged.log'}",
+        tool("munged"), "-F", "--force", f"--socket={sock}", f"--key-file={key}", f"--log-file={munge / 'munged.log'}",
         f"--pid-file={munge / 'munged.pid'}", f"--seed-file={munge / 'munged.seed'}"], munge / "out.log")
     wait_for(sock.exists, "munged", 30, [(munged, munge / "munged.log")])
 
@@ -196,9 +201,9 @@ def slurm(daemons, tmp_path_factory) -> Slurm:
     conf = _write_slurm_conf(d, node, sock)
     cluster = Slurm(conf, node)
     env = {**os.environ, **cluster.env}
-    ctld = daemons.start("slurmctld", ["slurmctld", "-D", "-i", "-f", str(conf)], d / "slurmctld.out", env=env)
+    ctld = daemons.start("slurmctld", [tool("slurmctld"), "-D", "-i", "-f", str(conf)], d / "slurmctld.out", env=env)
     wait_for(lambda: "UP" in cluster.run("scontrol", "ping", check=False), "slurmctld", 60, [(ctld, d / "slurmctld.log")])
-    slurmd = daemons.start("slurmd", ["slurmd", "-D", "-f", str(conf), "-N", node], d / "slurmd.out", env=env)
+    slurmd = daemons.start("slurmd", [tool("slurmd"), "-D", "-f", str(conf), "-N", node], d / "slurmd.out", env=env)
     wait_for(lambda: cluster.run("sinfo", "-h", "-o", "%T").strip() in ("idle", "mixed"), "slurmd", 60,
              [(slurmd, d / "slurmd.log")])
     return cluster

@@ -177,6 +177,10 @@ def test_requeued_trial_resumes_its_run_from_the_last_checkpoint(tmp_path, proce
     # the restart trained fewer epochs than a fresh start would have: it went on from the checkpoint
     curves = _csv(job_dir / "curves.csv")
     assert [int(r["epoch"]) for r in curves] == list(range(1, epochs + 1))
+    steps = client.get_metric_history(run.info.run_id, "train/loss_step")
+    print(f"\nrequeued run {run.info.run_id}: val/acc {len(val)} points over {len({m.step for m in val})} steps, "
+          f"train/loss_step {len(steps)} points over {len({m.step for m in steps})} steps; note: "
+          f"{run.data.tags['mlflow.note.content']!r}")
 
 
 def test_slurm_sweep_refuses_the_local_sqlite_store(tmp_path, processed_dir, slurm):
@@ -207,3 +211,17 @@ def test_clean_stale_on_the_server_leaves_other_hosts_runs(tmp_path, mlflow_serv
     assert client.get_run(gone.info.run_id).info.status == "KILLED"
     assert client.get_run(elsewhere.info.run_id).info.status == "RUNNING"
     client.set_terminated(elsewhere.info.run_id, "FINISHED")
+
+
+def test_srun_hint_is_silenced_outside_slurm_jobs(tmp_path, processed_dir, slurm):
+    """With SLURM's srun installed, a plain run must not tell the user to prepend srun."""
+    import shutil
+
+    from conftest import fast_overrides
+
+    assert shutil.which("srun", path=cli_env()["PATH"])
+    proc = subprocess.run([sys.executable, "-m", "mnistlab.train", *fast_overrides(tmp_path, processed_dir, epochs=1),
+                           "logger=none"], cwd=PROJECT_ROOT, env=_env(slurm, None), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "srun" not in proc.stderr + proc.stdout
