@@ -206,7 +206,10 @@ def slurm(daemons, tmp_path_factory) -> Slurm:
     slurmd = daemons.start("slurmd", [tool("slurmd"), "-D", "-f", str(conf), "-N", node], d / "slurmd.out", env=env)
     wait_for(lambda: cluster.run("sinfo", "-h", "-o", "%T").strip() in ("idle", "mixed"), "slurmd", 60,
              [(slurmd, d / "slurmd.log")])
-    return cluster
+    yield cluster
+    # jobs a failed test left behind run under slurmstepd, outside slurmd's process group: cancel them first
+    cluster.run("scancel", "--user", str(os.getuid()), check=False)
+    wait_for(lambda: not [s for s in cluster.jobs().values() if s in ("RUNNING", "COMPLETING")], "job cleanup", 60)
 
 
 @pytest.fixture(scope="session")

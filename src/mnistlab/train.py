@@ -23,7 +23,7 @@ log = logging.getLogger("mnistlab.train")
 OmegaConf.register_new_resolver("sweep_values", lambda xs: ",".join(str(x) for x in xs), replace=True)
 METRICS_FILE = "metrics.json"
 # What metrics.json holds; the sweep objective is val/acc_best (the val accuracy of the selected checkpoint).
-_SUMMARY_KEYS = ("test/acc", "test/loss", "val/acc_best", "epochs", "fit_seconds", "samples_per_second")
+_SUMMARY_KEYS = ("test/acc", "test/loss", "val/acc_best", "epochs", "fit_seconds", "samples_per_second", "samples_seen")
 CURVES_FILE = "curves.csv"
 # data.validation=false: Lightning runs no validation loop (not even the sanity check).
 NO_VALIDATION = {"limit_val_batches": 0, "num_sanity_val_steps": 0}
