@@ -115,7 +115,7 @@ def test_slurm_sweep_on_the_postgres_server(tmp_path, processed_dir, slurm, mlfl
     assert rows == {float(r["lr"]): r for r in _csv(tmp_path / "reports" / "sweep.csv")}
     assert rows[1e30]["status"] == "FAILED" and rows[0.1]["status"] == "FINISHED"
     assert float(rows[0.1]["test/acc"]) == pytest.approx(ok.data.metrics["test/acc"])
-    assert json.loads((tmp_path / "rep" / "sweep_best.json").read_text())["finished"] == 2
+    assert json.loads((tmp_path / "rep" / "study.json").read_text())["finished"] == 2
 
 
 def test_scancel_of_a_trial_ends_killed_and_the_sweep_reports_it(tmp_path, processed_dir, slurm, mlflow_server):
@@ -224,4 +224,4 @@ def test_srun_hint_is_silenced_outside_slurm_jobs(tmp_path, processed_dir, slurm
                            "logger=none"], cwd=PROJECT_ROOT, env=_env(slurm, None), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "srun" not in proc.stderr + proc.stdout
+    assert "The `srun` command is available" not in proc.stderr + proc.stdout
