@@ -13,7 +13,7 @@ MLRUNS ?= mlruns
 SEEDS ?= 5
 REPRODUCE_ARGS ?=
 
-.PHONY: setup repro mirror test test-fast ui sweep bench params clean-stale reproduce
+.PHONY: setup repro mirror test test-fast ui server sweep bench params clean-stale reproduce
 
 setup: $(STAMP)
 
@@ -46,6 +46,19 @@ ui: setup
 	@mkdir -p "$(MLRUNS)"
 	$(BIN)/mlflow ui --backend-store-uri "sqlite:///$(abspath $(MLRUNS))/mlflow.db" \
 	  --default-artifact-root "$(abspath $(MLRUNS))/artifacts" --host $(UI_HOST) --port $(UI_PORT)
+
+# The team tracking server (README "Scaling out"): runs and metrics in a database (PostgreSQL; needs the
+# `postgres` extra), artifacts proxied into ARTIFACTS_DIR, so nodes need only http://SERVER_HOST:SERVER_PORT.
+# Loopback unless SERVER_HOST says otherwise (e.g. SERVER_HOST=0.0.0.0 for the cluster's nodes).
+BACKEND_STORE_URI ?= postgresql://mlflow@127.0.0.1:5432/mlflow
+ARTIFACTS_DIR ?= mlflow-artifacts
+SERVER_HOST ?= 127.0.0.1
+SERVER_PORT ?= 5000
+SERVER_WORKERS ?= 2
+server: setup
+	$(BIN)/mlflow server --backend-store-uri "$(BACKEND_STORE_URI)" --serve-artifacts \
+	  --artifacts-destination "$(abspath $(ARTIFACTS_DIR))" --host $(SERVER_HOST) --port $(SERVER_PORT) \
+	  --workers $(SERVER_WORKERS)
 
 # The optimizer study through DVC (study/dvc.yaml): 108 trials on 2 joblib workers, report in reports/; the README
 # quotes the generated findings (reports/study.md).

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import warnings
 
 _NOISE = ("litlogger", "LitLogger")
 
@@ -21,3 +23,7 @@ def quiet_lightning() -> None:
             logger.handlers.clear()
             logger.propagate = True
         logger.addFilter(_DropNoise())
+    if "SLURM_JOB_ID" not in os.environ:
+        # Lightning warns on every run where SLURM's `srun` is installed but not used, to catch a multi-GPU job
+        # started without it; outside a SLURM job it only means this machine has SLURM's client tools.
+        warnings.filterwarnings("ignore", message="The `srun` command is available on your system but is not used")

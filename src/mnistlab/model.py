@@ -56,6 +56,7 @@ class MnistMLP(pl.LightningModule):
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # in the checkpoint, so a resumed run keeps its best
         self.test_predictions: torch.Tensor | None = None
+        self.test_confusion_matrix: torch.Tensor | None = None
         self.samples_seen = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,9 +74,13 @@ class MnistMLP(pl.LightningModule):
             self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
         return loss
 
+    def on_train_end(self) -> None:
+        # Under DDP each rank counted its shard; one all-reduce while all ranks are still here gives the total.
+        self.samples_seen = int(self.all_gather(torch.tensor(self.samples_seen)).sum())
+
     def on_train_epoch_end(self) -> None:
-        self.log("train/loss", self.train_loss.compute())
-        self.log("train/acc", self.train_acc.compute())
+        self.log("train/loss", self.train_loss.compute(), sync_dist=True)  # computed over all ranks already
+        self.log("train/acc", self.train_acc.compute(), sync_dist=True)
         self.train_loss.reset()
         self.train_acc.reset()
 
@@ -91,11 +96,12 @@ class MnistMLP(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         acc = self.val_acc.compute()
-        self.log("val/loss", self.val_loss.compute())
-        self.log("val/acc", acc, prog_bar=True)
+        # torchmetrics' compute() already reduces over DDP ranks; sync_dist=True tells Lightning (it warns otherwise)
+        self.log("val/loss", self.val_loss.compute(), sync_dist=True)
+        self.log("val/acc", acc, prog_bar=True, sync_dist=True)
         if not self.trainer.sanity_checking:
             self.val_acc_best.update(acc)
-            self.log("val/acc_best", self.val_acc_best.compute())
+            self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True)
         self.val_loss.reset()
         self.val_acc.reset()
 
@@ -109,10 +115,12 @@ class MnistMLP(pl.LightningModule):
         self._test_preds.append(logits.argmax(dim=1))
 
     def on_test_epoch_end(self) -> None:
-        self.log("test/loss", self.test_loss.compute())
-        self.log("test/acc", self.test_acc.compute())
+        self.log("test/loss", self.test_loss.compute(), sync_dist=True)
+        self.log("test/acc", self.test_acc.compute(), sync_dist=True)
         for digit, acc in enumerate(self.test_acc_per_class.compute()):
-            self.log(f"test/acc_class_{digit}", acc)
+            self.log(f"test/acc_class_{digit}", acc, sync_dist=True)
+        # computed here, on every rank: after test() only rank 0 is left to log, and compute() is a collective
+        self.test_confusion_matrix = self.test_confusion.compute().cpu()
         self.test_predictions = torch.cat(self._test_preds).cpu()
         self.test_loss.reset()
         self.test_acc.reset()

@@ -34,11 +34,16 @@ class MlflowSweepCallback(Callback):
             return
         from mlflow import MlflowClient
 
+        from mnistlab.cluster import local_store_problem
         from mnistlab.run_info import environment_tags, git_state
         from mnistlab.tracking.run import PARENT_ENV, PARENT_FILE
-        from mnistlab.tracking.store import open_store
+        from mnistlab.tracking.store import open_store, store_uri
 
         root = root_of(config.paths.root)
+        problem = local_store_problem(config, store_uri(config.paths.mlruns_dir, config.logger.tracking_uri, root)[0])
+        if problem:  # before the store or any job exists; SystemExit, as Hydra turns callback errors into warnings
+            print(f"error: {problem}", file=sys.stderr)
+            raise SystemExit(2)
         uri, exp_id = open_store(config.paths.mlruns_dir, config.logger.tracking_uri, config.logger.experiment_name, root)
         self.client = MlflowClient(uri)
         sweep_dir = Path(str(config.hydra.sweep.dir))

@@ -23,7 +23,7 @@ log = logging.getLogger("mnistlab.train")
 OmegaConf.register_new_resolver("sweep_values", lambda xs: ",".join(str(x) for x in xs), replace=True)
 METRICS_FILE = "metrics.json"
 # What metrics.json holds; the sweep objective is val/acc_best (the val accuracy of the selected checkpoint).
-_SUMMARY_KEYS = ("test/acc", "test/loss", "val/acc_best", "epochs", "fit_seconds", "samples_per_second")
+_SUMMARY_KEYS = ("test/acc", "test/loss", "val/acc_best", "epochs", "fit_seconds", "samples_per_second", "samples_seen")
 CURVES_FILE = "curves.csv"
 # data.validation=false: Lightning runs no validation loop (not even the sanity check).
 NO_VALIDATION = {"limit_val_batches": 0, "num_sanity_val_steps": 0}
@@ -182,7 +182,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     # Under DDP, Lightning re-launches this script once per extra GPU (RANK/LOCAL_RANK set): one run, on rank 0.
     rank_zero = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
-    tracked = _open_run(cfg, root, overrides, meta, hc) if cfg.logger.enabled and rank_zero else nullcontext(None)
+    tracked = _open_run(cfg, root, overrides, meta, hc, out_dir) if cfg.logger.enabled and rank_zero else nullcontext(None)
     if cfg.reuse_finished and cfg.logger.enabled and rank_zero:
         reused = _reuse_finished(tracked, out_dir)
         if reused is not None:
@@ -198,7 +198,11 @@ def _fit_and_test(cfg, tracked, model, dm, meta, history, overrides, threads, ou
     """Inside the tracked run: fit, test, then write and log the results."""
     import hydra
 
+    from mnistlab.cluster import lightning_plugins, remember_run, resume_checkpoint
+
     with tracked as run:
+        if run is not None:
+            remember_run(out_dir, run.run_id)  # a requeued start of this SLURM job continues this run
         validation = cfg.data.validation
         callbacks = [history] + build_callbacks(cfg.callbacks, ckpt_dir, cfg.trainer.enable_progress_bar, validation)
         logger = False
@@ -212,7 +216,7 @@ def _fit_and_test(cfg, tracked, model, dm, meta, history, overrides, threads, ou
             run.log_text("\n".join(overrides) + "\n", "overrides.txt")
         trainer = hydra.utils.instantiate(
             cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(out_dir),
-            **({} if validation else NO_VALIDATION),
+            plugins=lightning_plugins(), **({} if validation else NO_VALIDATION),
         )
         if run is not None:
             from mnistlab.run_info import device_name
@@ -220,7 +224,7 @@ def _fit_and_test(cfg, tracked, model, dm, meta, history, overrides, threads, ou
             run.client.set_tag(run.run_id, "mnistlab.device", device_name(trainer.strategy.root_device))
 
         start = time.perf_counter()
-        trainer.fit(model, datamodule=dm, ckpt_path=cfg.ckpt_path)
+        trainer.fit(model, datamodule=dm, ckpt_path=resume_checkpoint(cfg.ckpt_path, ckpt_dir))
         fit_seconds = time.perf_counter() - start
         if trainer.interrupted:
             raise KeyboardInterrupt("training was interrupted")
@@ -240,17 +244,20 @@ def _fit_and_test(cfg, tracked, model, dm, meta, history, overrides, threads, ou
             "epochs": epochs_run,
             "fit_seconds": round(fit_seconds, 3),
             "samples_per_second": round(model.samples_seen / fit_seconds, 1),
+            "samples_seen": model.samples_seen,  # every rank's under DDP
         }
         if run is not None:
             _log_results(run, cfg, model, dm, rows, metrics, test_metrics, ckpt_cb, trainer.global_step, trainer.world_size)
-        write_curves_csv(reports_dir / CURVES_FILE, rows)
-        _write_atomic(reports_dir / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
+        if trainer.is_global_zero:  # DDP's other ranks share the output dir
+            write_curves_csv(reports_dir / CURVES_FILE, rows)
+            _write_atomic(reports_dir / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
     log.info("test/acc=%.4f test/loss=%.4f in %.1fs (%d epochs); metrics in %s",
              metrics["test/acc"], metrics["test/loss"], fit_seconds, epochs_run, reports_dir / METRICS_FILE)
     return metrics
 
 
-def _open_run(cfg: DictConfig, root: Path, overrides: list[str], meta: dict, hc):
+def _open_run(cfg: DictConfig, root: Path, overrides: list[str], meta: dict, hc, out_dir: Path | None = None):
+    from mnistlab.cluster import previous_run_id, restart_count
     from mnistlab.run_info import environment_tags, git_state, run_name
     from mnistlab.tracking.run import TrackedRun, parent_run_id, unique_run_name
     from mnistlab.tracking.resume import config_hash
@@ -274,6 +281,10 @@ def _open_run(cfg: DictConfig, root: Path, overrides: list[str], meta: dict, hc)
         tags[PARENT_TAG] = parent
         tags["mnistlab.trial"] = str(hc.job.num) if hc is not None else ""
     tags[CONFIG_HASH_TAG] = config_hash(cfg, meta["data_checksum"])
+    reopen = previous_run_id(out_dir) if out_dir is not None else None
+    if reopen:  # a requeued SLURM trial continues its own run (cluster.py)
+        tags["mnistlab.slurm_restarts"] = str(restart_count())
+        return TrackedRun(uri, exp_id, "", tags, synchronous=cfg.logger.synchronous, reopen=reopen)
     base = cfg.logger.run_name or run_name(cfg.optimizer.name, cfg.optimizer.lr, cfg.data.batch_size, overrides)
     run.run_name = unique_run_name(run.client, exp_id, base)
     return run
@@ -308,7 +319,7 @@ def _log_results(run, cfg, model, dm, rows, metrics, test_metrics, ckpt_cb, step
     if cfg.logger.plots:
         figures = {
             "curves.png": plots.curves_figure(rows, run.run_name),
-            "confusion_matrix.png": plots.confusion_figure(model.test_confusion.compute().cpu().numpy()),
+            "confusion_matrix.png": plots.confusion_figure(model.test_confusion_matrix.numpy()),
         }
         x_test, y_test = dm.split("test")
         # this rank's test samples: its DDP shard (every world_size-th), cut by trainer.limit_test_batches

@@ -129,19 +129,32 @@ def status_for(exc: BaseException | None, seen: BaseException | None) -> str:
 class TrackedRun:
     """Context manager around one MLflow run (a single training or one sweep trial)."""
 
-    def __init__(self, tracking_uri: str, experiment_id: str, run_name: str, tags: dict[str, str], synchronous: bool):
+    def __init__(self, tracking_uri: str, experiment_id: str, run_name: str, tags: dict[str, str], synchronous: bool,
+                 reopen: str | None = None):
         from mlflow import MlflowClient
 
         self.tracking_uri, self.experiment_id, self.run_name = tracking_uri, experiment_id, run_name
         self.tags, self.synchronous = tags, synchronous
         self.client = MlflowClient(tracking_uri)
-        self.run_id: str | None = None
+        self.run_id: str | None = reopen  # a run to continue (a requeued SLURM job), else a new one
         self.status: str | None = None
         self.seen_exception: BaseException | None = None
 
     def __enter__(self) -> "TrackedRun":
-        run = self.client.create_run(self.experiment_id, run_name=self.run_name, tags=self.tags)
-        self.run_id = run.info.run_id
+        if self.run_id is None:
+            self.run_id = self.client.create_run(self.experiment_id, run_name=self.run_name, tags=self.tags).info.run_id
+            return self
+        # Continue the run of this job's previous start: RUNNING again, this process's tags, its error cleared.
+        from mlflow.entities import RunTag
+
+        before = self.client.get_run(self.run_id)
+        self.run_name = before.info.run_name
+        self.client.update_run(self.run_id, status="RUNNING")
+        note = f"Continued in a new process after its previous one ended {before.info.status}"
+        if before.data.tags.get(ERROR_TAG):
+            self.client.delete_tag(self.run_id, ERROR_TAG)
+            note += f" ({before.data.tags[ERROR_TAG]})"
+        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in {**self.tags, NOTE_TAG: note}.items()])
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:

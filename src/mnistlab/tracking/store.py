@@ -40,11 +40,16 @@ def _file_lock(path: Path):
 def open_store(mlruns_dir: str, tracking_uri: str | None, experiment_name: str, root: Path) -> tuple[str, str]:
     """(tracking URI, experiment id) for a run or sweep of the project at `root`; a DVC temp copy maps back to
     its workspace, so every process writes to one store."""
+    uri, mlruns = store_uri(mlruns_dir, tracking_uri, root)
+    return uri, ensure_experiment(uri, experiment_name, mlruns)
+
+
+def store_uri(mlruns_dir: str, tracking_uri: str | None, root: Path) -> tuple[str, Path]:
+    """(tracking URI, local mlruns dir) a run of the project at `root` would use, without touching the store."""
     from mnistlab.paths import resolve, workspace_root
 
     mlruns = resolve(mlruns_dir, workspace_root(root))
-    uri = resolve_tracking_uri(tracking_uri, mlruns)
-    return uri, ensure_experiment(uri, experiment_name, mlruns)
+    return resolve_tracking_uri(tracking_uri, mlruns), mlruns
 
 
 def ensure_experiment(tracking_uri: str, experiment_name: str, mlruns_dir: Path) -> str:
