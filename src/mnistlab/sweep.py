@@ -32,7 +32,7 @@ class MlflowSweepCallback(Callback):
             return
         from mlflow import MlflowClient
 
-        from mnistlab.run_info import environment_tags, git_state
+        from mnistlab.run_info import environment_tags, git_tags
         from mnistlab.tracking.run import PARENT_ENV, PARENT_FILE
         from mnistlab.tracking.store import open_store
 
@@ -41,14 +41,12 @@ class MlflowSweepCallback(Callback):
         self.client = MlflowClient(uri)
         sweep_dir = Path(str(config.hydra.sweep.dir))
         overrides = " ".join(config.hydra.overrides.task)
-        commit, dirty = git_state(root)
         tags = {
             SWEEP_TAG: "true",
             "mnistlab.sweep_dir": str(sweep_dir),
             "mnistlab.launcher": str(config.hydra.launcher.get("_target_", "")),
             "mnistlab.sweeper_params": str(dict(config.hydra.sweeper.get("params") or {})),
-            "mlflow.source.git.commit": commit,
-            "mnistlab.git_dirty": str(dirty).lower(),
+            **git_tags(root),
             **environment_tags(),
         }
         name = f"sweep {config.task_name} {time.strftime('%Y-%m-%d %H:%M:%S')}" + (f" [{overrides}]" if overrides else "")
@@ -65,6 +63,15 @@ class MlflowSweepCallback(Callback):
         if self.parent_id and self.client is not None:
             if self.client.get_run(self.parent_id).info.status == "RUNNING":
                 self.client.set_terminated(self.parent_id, "KILLED")
+
+    def _register(self, run_id: str) -> None:
+        """The selected trial's model becomes mnist-mlp@champion; a registry error is reported, not fatal."""
+        from mnistlab.tracking.registry import register_champion
+
+        try:
+            register_champion(self.client, run_id, self.parent_id)
+        except Exception as e:  # the sweep's results stand without the registry entry
+            log.error("could not register the best model of run %s: %s", run_id, e)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         if not self.parent_id:
@@ -88,6 +95,8 @@ class MlflowSweepCallback(Callback):
                 best.get("val_mean", float("nan")), best.get("test_mean", float("nan")),
                 ", ".join(str(d) for d in out_dirs),
             )
+            if summary.get("best"):
+                self._register(summary["best"]["run_id"])
         finally:
             self.client.set_terminated(self.parent_id, status)
             os.environ.pop(PARENT_ENV, None)

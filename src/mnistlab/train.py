@@ -24,6 +24,9 @@ OmegaConf.register_new_resolver("sweep_values", lambda xs: ",".join(str(x) for x
 METRICS_FILE = "metrics.json"
 # What metrics.json holds; the sweep objective is val/acc_best (the val accuracy of the selected checkpoint).
 _SUMMARY_KEYS = ("test/acc", "test/loss", "val/acc_best", "epochs", "fit_seconds", "samples_per_second")
+# Seconds vary run to run; kept out of metrics.json so DVC's lock (and git) change only when results do.
+TIMING_FILE = "timing.json"
+TIMING_KEYS = ("fit_seconds", "samples_per_second")
 CURVES_FILE = "curves.csv"
 # data.validation=false: Lightning runs no validation loop (not even the sanity check).
 NO_VALIDATION = {"limit_val_batches": 0, "num_sanity_val_steps": 0}
@@ -72,6 +75,12 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def write_summary(folder: Path, metrics: dict[str, float]) -> None:
+    """metrics.json (results: what DVC tracks) and timing.json (seconds, git-ignored) from one summary dict."""
+    _write_atomic(folder / METRICS_FILE, json.dumps({k: v for k, v in metrics.items() if k not in TIMING_KEYS}, indent=2) + "\n")
+    _write_atomic(folder / TIMING_FILE, json.dumps({k: v for k, v in metrics.items() if k in TIMING_KEYS}, indent=2) + "\n")
 
 
 def write_curves_csv(path: Path, rows: list[dict[str, float]]) -> None:
@@ -195,6 +204,8 @@ def _fit_and_test(cfg, tracked, model, dm, meta, history, overrides, threads, ou
     """Inside the tracked run: fit, test, then write and log the results."""
     import hydra
 
+    from mnistlab.callbacks import clean_float
+
     with tracked as run:
         validation = cfg.data.validation
         callbacks = [history] + build_callbacks(cfg.callbacks, ckpt_dir, cfg.trainer.enable_progress_bar, validation)
@@ -221,14 +232,14 @@ def _fit_and_test(cfg, tracked, model, dm, meta, history, overrides, threads, ou
         fit_seconds = time.perf_counter() - start
         if trainer.interrupted:
             raise KeyboardInterrupt("training was interrupted")
-        fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        fit_metrics = {k: clean_float(v) for k, v in trainer.callback_metrics.items()}
         rows = list(history.rows)  # test(ckpt_path="best") restores callback state from that checkpoint
         epochs_run = len(rows)
         ckpt_cb = trainer.checkpoint_callback
         best = effective_test_ckpt(cfg) == "best" and ckpt_cb is not None and ckpt_cb.best_model_path
         test_ckpt = "best" if best else None  # None: the weights in memory, i.e. the last epoch's
         trainer.test(model, datamodule=dm, ckpt_path=test_ckpt, verbose=False)
-        test_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+        test_metrics = {k: clean_float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
 
         metrics = {  # keys: _SUMMARY_KEYS
             "test/acc": test_metrics["test/acc"],
@@ -241,24 +252,23 @@ def _fit_and_test(cfg, tracked, model, dm, meta, history, overrides, threads, ou
         if run is not None:
             _log_results(run, cfg, model, dm, rows, metrics, test_metrics, ckpt_cb, trainer.global_step, trainer.world_size)
         write_curves_csv(reports_dir / CURVES_FILE, rows)
-        _write_atomic(reports_dir / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
+        write_summary(reports_dir, metrics)
     log.info("test/acc=%.4f test/loss=%.4f in %.1fs (%d epochs); metrics in %s",
              metrics["test/acc"], metrics["test/loss"], fit_seconds, epochs_run, reports_dir / METRICS_FILE)
     return metrics
 
 
 def _open_run(cfg: DictConfig, root: Path, overrides: list[str], meta: dict, hc):
-    from mnistlab.run_info import environment_tags, git_state, run_name
+    from mnistlab.run_info import environment_tags, git_tags, run_name
+    from mnistlab.tracking.lineage import dataset_inputs, dvc_import_source
     from mnistlab.tracking.run import TrackedRun, parent_run_id, unique_run_name
     from mnistlab.tracking.resume import config_hash
     from mnistlab.tracking.store import open_store
     from mnistlab.tracking.tags import CONFIG_HASH_TAG, PARENT_TAG
 
     uri, exp_id = open_store(cfg.paths.mlruns_dir, cfg.logger.tracking_uri, cfg.logger.experiment_name, root)
-    commit, dirty = git_state(root)
     tags = {
-        "mlflow.source.git.commit": commit,
-        "mnistlab.git_dirty": str(dirty).lower(),
+        **git_tags(root),
         "mnistlab.data_checksum": meta["data_checksum"],
         "mnistlab.data_verified": str(meta.get("verified", True)).lower(),
         "mnistlab.task": cfg.task_name,
@@ -270,7 +280,9 @@ def _open_run(cfg: DictConfig, root: Path, overrides: list[str], meta: dict, hc)
         tags[PARENT_TAG] = parent
         tags["mnistlab.trial"] = str(hc.job.num) if hc is not None else ""
     tags[CONFIG_HASH_TAG] = config_hash(cfg, meta["data_checksum"])
-    run = TrackedRun(uri, exp_id, "", tags, synchronous=cfg.logger.synchronous)
+    run = TrackedRun(uri, exp_id, "", tags, synchronous=cfg.logger.synchronous,
+                     system_metrics=cfg.logger.get("system_metrics", False),
+                     inputs=dataset_inputs(meta, dvc_import_source(root)) if "counts" in meta else [])
     base = cfg.logger.run_name or run_name(cfg.optimizer.name, cfg.optimizer.lr, cfg.data.batch_size, overrides)
     run.run_name = unique_run_name(run.client, exp_id, base)
     return run
@@ -287,7 +299,7 @@ def _reuse_finished(run, out_dir: Path) -> dict[str, float] | None:
     with run:
         copy_results(run.client, original, run.run_id)
     metrics = {k: v for k, v in original.data.metrics.items() if k in _SUMMARY_KEYS}
-    _write_atomic(out_dir / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
+    write_summary(out_dir, metrics)
     log.info("reused run %s (%s): same config hash, not retrained; val/acc_best=%.4f test/acc=%.4f",
              original.info.run_id, original.info.run_name, metrics.get("val/acc_best", float("nan")),
              metrics.get("test/acc", float("nan")))
@@ -302,10 +314,12 @@ def _log_results(run, cfg, model, dm, rows, metrics, test_metrics, ckpt_cb, step
     from mnistlab.tracking import plots
 
     run.log_metrics({k: v for k, v in metrics.items() if k not in test_metrics}, step=step)
+    confusion = model.test_confusion.compute().cpu().numpy()
+    run.log_table(plots.per_class_table(confusion), "test_acc_per_class.json")
     if cfg.logger.plots:
         figures = {
             "curves.png": plots.curves_figure(rows, run.run_name),
-            "confusion_matrix.png": plots.confusion_figure(model.test_confusion.compute().cpu().numpy()),
+            "confusion_matrix.png": plots.confusion_figure(confusion),
         }
         x_test, y_test = dm.split("test")
         # this rank's test samples: its DDP shard (every world_size-th), cut by trainer.limit_test_batches
