@@ -1,4 +1,5 @@
-"""A real sweep ends with its selected model in the registry (mnist-mlp@champion); every run names its datasets."""
+"""A real sweep reports its progress and ends with its selected model in the registry (mnist-mlp@champion);
+every run names its datasets."""
 
 from __future__ import annotations
 
@@ -68,3 +69,10 @@ def test_each_run_logs_its_three_dataset_splits_and_mlflow_context_tags(small_sw
     assert json.loads(inputs["val"].profile)["num_rows"] == meta["counts"]["val"] == 100
     assert run.data.tags["mlflow.source.type"] == "LOCAL" and run.data.tags["mlflow.user"]
     assert not any(k.startswith("system/") for k in run.data.metrics), "system metrics are off by default"
+
+
+@pytest.mark.slow
+def test_sweep_prints_trials_done_out_of_total(small_sweep):
+    *_, log = small_sweep
+    assert "sweep: 0/2 trials done (0 finished, 0 failed)" in log
+    assert "sweep: 2/2 trials done (2 finished, 0 failed), 0 running" in log

@@ -74,6 +74,21 @@ def _user_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def _assert_quiet_and_tree_as_the_readme_says(proj: Path, output: str) -> None:
+    """No warning of ours in the output (pip's notes on this machine's index config are not ours); git shows
+    data.dvc (the import's hashes) and at most the results DVC records; runs are not git-dirty."""
+    from mnistlab.run_info import git_tags
+
+    warnings = [line for line in output.splitlines()
+                if re.search(r"warn|deprecat", line, re.I) and "Location '" not in line]
+    assert not warnings, "\n".join(warnings)
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=proj, capture_output=True, text=True).stdout
+    changed = {line[3:] for line in status.splitlines()}
+    assert "data.dvc" in changed and changed <= {"data.dvc", "dvc.lock", "reports/metrics.json",
+                                                 "reports/curves.csv"}, status
+    assert git_tags(proj)["mnistlab.git_dirty"] == "false"
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 @pytest.mark.skipif(not (SHARED_MNIST / "mnist.npz").is_file(), reason=f"real MNIST mirror not at {SHARED_MNIST}")
@@ -96,6 +111,8 @@ def test_every_readme_command_runs_as_written_in_a_fresh_clone(project_copy):
         assert proc.returncode == 0, (
             f"README command failed (exit {proc.returncode}): {cmd}\n--- stdout\n{proc.stdout[-4000:]}"
             f"\n--- stderr\n{proc.stderr[-4000:]}")
+        if not ran:  # the first `make repro` of a fresh clone
+            _assert_quiet_and_tree_as_the_readme_says(proj, proc.stdout + proc.stderr)
         ran.append(cmd)
         activated = activated or cmd == ACTIVATE
     print("ran:", *ran, "skipped:", *skipped, sep="\n  ")

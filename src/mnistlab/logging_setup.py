@@ -17,6 +17,9 @@ def quiet_lightning() -> None:
     # Lightning 2.6's own _pytree.py still builds torch's LeafSpec(), which torch >= 2.10 deprecates with a
     # FutureWarning on every fit (Lightning-AI/pytorch-lightning#21326); nothing a user can act on.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+    # On a machine with SLURM installed, Lightning suggests `srun python ...` for every run; our cluster route
+    # is launcher=slurm (submitit), which starts each trial under srun itself.
+    warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not used")
     hydra_owns_root = bool(logging.getLogger().handlers)
     names = [n for n in list(logging.root.manager.loggerDict) if n.split(".")[0] in ("lightning", "pytorch_lightning", "lightning_fabric")]
     for name in names:

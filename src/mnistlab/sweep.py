@@ -26,6 +26,7 @@ class MlflowSweepCallback(Callback):
     def __init__(self) -> None:
         self.parent_id: str | None = None
         self.client = None
+        self.progress = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         if not config.logger.enabled:
@@ -57,6 +58,9 @@ class MlflowSweepCallback(Callback):
         os.environ[PARENT_ENV] = self.parent_id
         atexit.register(self._kill_if_open)
         log.info("MLflow parent run %s (%s)", self.parent_id, name)
+        from mnistlab.tracking.progress import SweepProgress, sweep_size
+
+        self.progress = SweepProgress(self.client, exp_id, self.parent_id, sweep_size(config)).start()
 
     def _kill_if_open(self) -> None:
         """Ctrl-C or a crash skips on_multirun_end: the parent must not stay RUNNING."""
@@ -79,6 +83,8 @@ class MlflowSweepCallback(Callback):
         from mnistlab.report import write_sweep_report
         from mnistlab.tracking.run import PARENT_ENV
 
+        if self.progress is not None:
+            self.progress.stop()
         root = root_of(config.paths.root)
         out_dirs = [Path(str(config.hydra.sweep.dir))]
         if config.paths.get("sweep_reports_dir"):
@@ -95,8 +101,8 @@ class MlflowSweepCallback(Callback):
                 best.get("val_mean", float("nan")), best.get("test_mean", float("nan")),
                 ", ".join(str(d) for d in out_dirs),
             )
-            if summary.get("best"):
-                self._register(summary["best"]["run_id"])
+            if summary.get("best_run_id"):  # the chosen config's best seed, selected on validation
+                self._register(summary["best_run_id"])
         finally:
             self.client.set_terminated(self.parent_id, status)
             os.environ.pop(PARENT_ENV, None)

@@ -63,6 +63,8 @@ def serve_ui(host: str, port: int, experiment: str | None = None, overrides: lis
     args = [mlflow, "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
     if uri.startswith("sqlite:"):
         args += ["--default-artifact-root", artifact_location(mlruns)]
+    # mlflow's server imports starlette's deprecated WSGI middleware: a DeprecationWarning per start, not ours
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
     os.execv(mlflow, args)
 
 

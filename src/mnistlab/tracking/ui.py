@@ -30,7 +30,7 @@ def view_state() -> dict:
         "lifecycleFilter": "Active",
         "datasetsFilter": [],
         "modelVersionFilter": "All Runs",
-        "selectedColumns": columns + ["attributes.`Dataset`", "attributes.`Models`"],
+        "selectedColumns": columns + ["attributes.`Models`"],
         "columnWidths": {"tags.`mlflow.runName`": 320},
         "runsExpanded": {},
         "runsPinned": [],
