@@ -6,16 +6,17 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from conftest import PROJECT_ROOT, cli_env, git
+from conftest import cli_env, git
 
 from mnistlab.run_info import git_tags
 
 
-def test_package_builds_without_warnings(tmp_path):
-    """The wheel `make setup` builds from pyproject.toml: no deprecation banner from our metadata."""
+def test_package_builds_without_warnings(project_copy, tmp_path):
+    """The wheel `make setup` builds from pyproject.toml: no deprecation banner from our metadata (built from a
+    copy: setuptools leaves a build/ folder in the source tree)."""
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--disable-pip-version-check",
-         "-w", str(tmp_path / "wheel"), str(PROJECT_ROOT)],
+         "-w", str(tmp_path / "wheel"), str(project_copy)],
         env=cli_env(), capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

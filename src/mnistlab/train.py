@@ -206,9 +206,13 @@ def _fit_and_test(cfg, tracked, model, dm, meta, history, overrides, threads, ou
 
     from mnistlab.callbacks import clean_float
 
+    hc = _hydra()
+    # one place for "no progress bars in a sweep": its trials share a console (or have none), and the sweep
+    # prints trials done / total instead (tracking/progress.py)
+    bar = bool(cfg.trainer.enable_progress_bar) and not (hc is not None and str(hc.mode) == "RunMode.MULTIRUN")
     with tracked as run:
         validation = cfg.data.validation
-        callbacks = [history] + build_callbacks(cfg.callbacks, ckpt_dir, cfg.trainer.enable_progress_bar, validation)
+        callbacks = [history] + build_callbacks(cfg.callbacks, ckpt_dir, bar, validation)
         logger = False
         if run is not None:
             callbacks.append(run.callback())
@@ -219,7 +223,7 @@ def _fit_and_test(cfg, tracked, model, dm, meta, history, overrides, threads, ou
             run.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
             run.log_text("\n".join(overrides) + "\n", "overrides.txt")
         trainer = hydra.utils.instantiate(
-            cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(out_dir),
+            cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(out_dir), enable_progress_bar=bar,
             **({} if validation else NO_VALIDATION),
         )
         if run is not None:
@@ -319,7 +323,7 @@ def _log_results(run, cfg, model, dm, rows, metrics, test_metrics, ckpt_cb, step
     if cfg.logger.plots:
         figures = {
             "curves.png": plots.curves_figure(rows, run.run_name),
-            "confusion_matrix.png": plots.confusion_figure(confusion),
+            "confusion_matrix.png": plots.confusion_figure(model.test_confusion),
         }
         x_test, y_test = dm.split("test")
         # this rank's test samples: its DDP shard (every world_size-th), cut by trainer.limit_test_batches

@@ -44,21 +44,14 @@ def per_class_table(matrix: np.ndarray) -> dict[str, list]:
     }
 
 
-def confusion_figure(matrix: np.ndarray, title: str = "test confusion matrix"):
-    fig, ax = plt.subplots(figsize=(6, 5.5))
-    im = ax.imshow(matrix, cmap="Blues")
-    n = matrix.shape[0]
-    for i in range(n):
-        for j in range(n):
-            ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=7,
-                    color="white" if matrix[i, j] > matrix.max() / 2 else "black")
-    ax.set_xticks(range(n))
-    ax.set_yticks(range(n))
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
+def confusion_figure(confusion, title: str = "test confusion matrix"):
+    """torchmetrics' own plot of a MulticlassConfusionMatrix (counts in the cells, true vs predicted class),
+    with text small enough for 4-digit counts."""
+    fig, ax = confusion.plot(cmap="Blues")
+    for text in ax.texts:
+        text.set_fontsize(8)
     ax.set_title(title)
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
+    fig.set_size_inches(6, 5.5)
     return fig
 
 
