@@ -12,11 +12,15 @@ from torchvision.utils import make_grid  # noqa: E402
 
 
 def curves_figure(rows: list[dict[str, float]], title: str = ""):
-    """Loss and accuracy per epoch, train vs val."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    """One panel per metric of callbacks.CURVE_KEYS (loss, acc), one line per split (train, val)."""
+    from mnistlab.callbacks import CURVE_KEYS
+
+    metrics = list(dict.fromkeys(k.split("/", 1)[1] for k in CURVE_KEYS))
+    splits = list(dict.fromkeys(k.split("/", 1)[0] for k in CURVE_KEYS))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
     epochs = [r["epoch"] for r in rows]
-    for ax, metric in zip(axes, ("loss", "acc")):
-        for split, style in (("train", "-o"), ("val", "--s")):
+    for ax, metric in zip(axes[0], metrics):
+        for split, style in zip(splits, ("-o", "--s", ":^")):
             key = f"{split}/{metric}"
             ax.plot(epochs, [r.get(key, np.nan) for r in rows], style, label=split)
         ax.set_xlabel("epoch")
