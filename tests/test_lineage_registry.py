@@ -30,8 +30,9 @@ def small_sweep(tmp_path_factory, processed_dir):
     proc = subprocess.run(args, cwd=PROJECT_ROOT, env=cli_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     client = MlflowClient(default_tracking_uri(tmp / "mlruns"))
-    summary = json.loads((tmp / "reports" / "sweep_best.json").read_text())
-    return tmp, client, summary, proc.stderr + proc.stdout
+    exp = client.get_experiment_by_name("mnistlab")
+    (parent,) = client.search_runs([exp.experiment_id], filter_string="tags.`mnistlab.sweep` = 'true'")
+    return tmp, client, parent, proc.stderr + proc.stdout
 
 
 @pytest.mark.slow
@@ -40,12 +41,11 @@ def test_sweep_registers_its_selected_model_as_champion_and_it_scores_its_test_a
 
     from mnistlab.tracking.run import fluent_uri
 
-    tmp, client, summary, log = small_sweep
-    best_id = summary["best"]["run_id"]
+    tmp, client, parent, log = small_sweep
+    best_id = parent.data.tags["mnistlab.best_run"]  # the report's choice (on validation)
     version = client.get_model_version_by_alias("mnist-mlp", "champion")
     assert version.run_id == best_id and version.tags["mnistlab.run_id"] == best_id
-    parent = client.get_run(best_id).data.tags["mlflow.parentRunId"]
-    assert version.tags["mnistlab.sweep_run_id"] == parent
+    assert version.tags["mnistlab.sweep_run_id"] == parent.info.run_id
     assert "registered mnist-mlp version 1 (alias champion)" in log
 
     with fluent_uri(default_tracking_uri(tmp / "mlruns")):
@@ -59,9 +59,9 @@ def test_sweep_registers_its_selected_model_as_champion_and_it_scores_its_test_a
 
 @pytest.mark.slow
 def test_each_run_logs_its_three_dataset_splits_and_mlflow_context_tags(small_sweep, processed_dir):
-    tmp, client, summary, _ = small_sweep
+    tmp, client, parent, _ = small_sweep
     meta = json.loads((processed_dir / "meta.json").read_text())
-    run = client.get_run(summary["best"]["run_id"])
+    run = client.get_run(parent.data.tags["mnistlab.best_run"])
     inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
     assert set(inputs) == {"train", "val", "test"}
     assert {d.name for d in inputs.values()} == {"mnist-train", "mnist-val", "mnist-test"}
