@@ -63,8 +63,9 @@ def serve_ui(host: str, port: int, experiment: str | None = None, overrides: lis
     args = [mlflow, "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
     if uri.startswith("sqlite:"):
         args += ["--default-artifact-root", artifact_location(mlruns)]
-    # mlflow's server imports starlette's deprecated WSGI middleware: a DeprecationWarning per start, not ours
-    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+    # mlflow 3.17's server imports starlette's deprecated WSGI middleware: a StarletteDeprecationWarning (a
+    # UserWarning) per server process on every start, nothing a user can act on
+    os.environ.setdefault("PYTHONWARNINGS", "ignore:starlette.middleware.wsgi is deprecated")
     os.execv(mlflow, args)
 
 
