@@ -28,6 +28,10 @@ class MlflowSweepCallback(Callback):
         self.client = None
         self.progress = None
 
+    def __getstate__(self) -> dict:
+        """joblib and submitit pickle Hydra's callbacks into every job; the progress thread stays here."""
+        return {**self.__dict__, "progress": None}
+
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         if not config.logger.enabled:
             return
