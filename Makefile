@@ -7,9 +7,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
 MNIST_DIR ?=
 PYTEST_ARGS ?=
+# pip without its version nag and progress bars (the install is still reported when it fails).
+PIP := $(BIN)/python -m pip --quiet --disable-pip-version-check --no-input
 UI_HOST ?= 127.0.0.1
 UI_PORT ?= 5000
-MLRUNS ?= mlruns
+# empty: the store conf/ defines (paths.mlruns_dir); MLRUNS=/dir shows another one
+MLRUNS ?=
 SEEDS ?= 5
 REPRODUCE_ARGS ?=
 
@@ -19,8 +22,8 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(PIP) install --upgrade pip
+	$(PIP) install -e '.[dev]'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
@@ -41,11 +44,10 @@ test: setup
 test-fast: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
-# The MLflow UI over the project's store, on loopback unless UI_HOST says otherwise.
+# The MLflow UI over the store conf/ defines, on loopback unless UI_HOST says otherwise; prints the link to the
+# experiment's training runs first.
 ui: setup
-	@mkdir -p "$(MLRUNS)"
-	$(BIN)/mlflow ui --backend-store-uri "sqlite:///$(abspath $(MLRUNS))/mlflow.db" \
-	  --default-artifact-root "$(abspath $(MLRUNS))/artifacts" --host $(UI_HOST) --port $(UI_PORT)
+	@$(BIN)/mnistlab-runs ui --host $(UI_HOST) --port $(UI_PORT) $(if $(MLRUNS),paths.mlruns_dir=$(abspath $(MLRUNS)))
 
 # The team tracking server (README "Scaling out"): runs and metrics in a database (PostgreSQL; needs the
 # `postgres` extra), artifacts proxied into ARTIFACTS_DIR, so nodes need only http://SERVER_HOST:SERVER_PORT.

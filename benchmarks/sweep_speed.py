@@ -9,7 +9,7 @@ It runs `python -m mnistlab.train -m ...` as a subprocess twice, each into its o
   joblib   launcher=joblib hydra.launcher.n_jobs=2: one forked process per trial, 2 at a time (mnistlab's
            launcher, src/mnistlab/launching.py); each trial gets cores / n_jobs torch threads (OMP_NUM_THREADS is set to the same for the subprocess)
 with MLflow tracking on (the default) and logger.log_model=false; plots, checkpoints and the sweep report stay on,
-as in a real study. Each trial's fit_seconds comes from its <sweep dir>/<n>/metrics.json and is cross-checked with
+as in a real study. Each trial's fit_seconds comes from its <sweep dir>/<n>/timing.json and is cross-checked with
 the MLflow store (child runs, tag mlflow.parentRunId, metric fit_seconds), which also gives run durations.
 
 Definitions (printed with the results):
@@ -91,7 +91,7 @@ def run_multirun(name: str, launcher: list[str], n_jobs: int, data_dir: Path, tm
         if sweep_dir.is_dir() else []
     fits, missing = [], []
     for d in trials:
-        m = d / "metrics.json"
+        m = d / "timing.json"
         if m.is_file():
             fits.append(json.loads(m.read_text())["fit_seconds"])
         else:

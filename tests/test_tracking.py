@@ -20,7 +20,8 @@ from conftest import BIN, PROJECT_ROOT, cli_env, compose, fast_overrides
 from mnistlab.tracking.store import default_tracking_uri
 from mnistlab.train import train
 
-ARTIFACTS = {"config.yaml", "overrides.txt", "curves.png", "confusion_matrix.png", "misclassified.png", "checkpoints"}
+ARTIFACTS = {"config.yaml", "overrides.txt", "curves.png", "confusion_matrix.png", "misclassified.png", "checkpoints",
+             "test_acc_per_class.json"}
 
 
 def _client(tmp_path) -> MlflowClient:
@@ -52,7 +53,14 @@ def test_one_finished_run_with_params_metrics_and_tags(finished_run, processed_d
     assert not any(k.startswith("model/") for k in p), "Lightning's hparams dump duplicates the curated params"
     m = run.data.metrics
     assert m["test/acc"] == pytest.approx(metrics["test/acc"])
-    assert {f"test/acc_class_{d}" for d in range(10)} <= set(m)
+    assert not any(k.startswith("test/acc_class") for k in m), "per-class accuracy is one table, not 10 metrics"
+    assert m["test/acc"] == float(str(np.float32(m["test/acc"]))), "no float32 noise in logged values"
+    val_acc = client.get_metric_history(run.info.run_id, "val/acc")
+    assert [h.step for h in val_acc] == [1, 2], "epoch metrics are charted against the epoch"
+    table = json.loads(open(client.download_artifacts(run.info.run_id, "test_acc_per_class.json", str(tmp))).read())
+    rows = dict(zip(table["columns"], zip(*table["data"])))
+    assert list(rows["digit"]) == list(range(10)) and sum(rows["count"]) == 200  # the fixture's test split
+    assert sum(a * c for a, c in zip(rows["test/acc"], rows["count"])) / 200 == pytest.approx(m["test/acc"], abs=1e-6)
     assert {"train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "fit_seconds", "samples_per_second"} <= set(m)
     assert len(client.get_metric_history(run.info.run_id, "val/acc")) == 2
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 2
@@ -167,7 +175,7 @@ def test_mlflow_server_serves_runs_and_metric_histories(finished_run):
     # `make ui` as the README gives it (mlflow ui on loopback over the project's store), pointed at this store
     server = subprocess.Popen(
         ["make", "-o", "setup", "ui", f"MLRUNS={tmp / 'mlruns'}", f"UI_PORT={port}", f"VENV={BIN.parent}"],
-        cwd=PROJECT_ROOT, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        cwd=PROJECT_ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,
     )
     base = f"http://127.0.0.1:{port}"
@@ -182,6 +190,12 @@ def test_mlflow_server_serves_runs_and_metric_histories(finished_run):
                 assert time.time() < deadline, "mlflow server did not start"
                 time.sleep(0.5)
         exp = _get(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=mnistlab")["experiment"]
+        # the link make ui prints lands on the training runs, with the project's columns (tracking/ui.py)
+        link = server.stdout.readline() + server.stdout.readline()
+        assert f"{base}/#/experiments/{exp['experiment_id']}/runs?viewStateShareKey=mnistlab" in link, link
+        tags = {t["key"]: t["value"] for t in exp["tags"]}
+        assert tags["mlflow.experimentKind"] == "custom_model_development"
+        assert "metrics.`test/acc`" in json.loads(tags["mlflow.sharedViewState.mnistlab"])["selectedColumns"]
         found = _post(f"{base}/api/2.0/mlflow/runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
         assert [r["info"]["run_id"] for r in found] == [run.info.run_id]
         hist = _get(f"{base}/api/2.0/mlflow/metrics/get-history?run_id={run.info.run_id}&metric_key=val/acc")["metrics"]

@@ -1,13 +1,26 @@
-"""Lightning callbacks no library provides: a non-finite-loss guard and the per-epoch history."""
+"""Lightning callbacks no library provides (a non-finite-loss guard, the per-epoch history) and the metric
+names and values they share with the model, the CSV, the plots and MLflow."""
 
 from __future__ import annotations
 
 import math
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 
 CURVE_KEYS = ("train/loss", "train/acc", "val/loss", "val/acc")
+
+
+def clean_float(v) -> float:
+    """A metric computed in float32 as the number it stands for (0.978, not 0.9779999852180481).
+
+    Lightning hands loggers float32 tensors already turned into Python floats; a float that float32 represents
+    exactly is written as the shortest decimal that round-trips in float32 (numpy's repr). Others pass unchanged.
+    """
+    v = float(v.item() if hasattr(v, "item") else v)
+    f32 = np.float32(v)
+    return float(str(f32)) if np.isfinite(f32) and float(f32) == v else v
 
 
 class NonFiniteLossError(FloatingPointError):

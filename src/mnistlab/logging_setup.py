@@ -15,6 +15,9 @@ class _DropNoise(logging.Filter):
 
 
 def quiet_lightning() -> None:
+    # Lightning 2.6's own _pytree.py still builds torch's LeafSpec(), which torch >= 2.10 deprecates with a
+    # FutureWarning on every fit (Lightning-AI/pytorch-lightning#21326); nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
     hydra_owns_root = bool(logging.getLogger().handlers)
     names = [n for n in list(logging.root.manager.loggerDict) if n.split(".")[0] in ("lightning", "pytorch_lightning", "lightning_fabric")]
     for name in names:

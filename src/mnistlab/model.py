@@ -1,4 +1,4 @@
-"""The book's MLP as a LightningModule: cross-entropy on logits, torchmetrics accuracy per split and per class."""
+"""The book's MLP as a LightningModule: cross-entropy on logits, torchmetrics accuracy per split, the test confusion matrix."""
 
 from __future__ import annotations
 
@@ -50,7 +50,6 @@ class MnistMLP(pl.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes=n, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=n, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=n, average="micro")
-        self.test_acc_per_class = MulticlassAccuracy(num_classes=n, average=None)
         self.test_confusion = MulticlassConfusionMatrix(num_classes=n)
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
         self.val_acc_best = MaxMetric()
@@ -110,21 +109,17 @@ class MnistMLP(pl.LightningModule):
 
     def test_step(self, batch, batch_idx):
         logits, y = self._eval_step(batch, self.test_loss, self.test_acc)
-        self.test_acc_per_class.update(logits, y)
         self.test_confusion.update(logits, y)
         self._test_preds.append(logits.argmax(dim=1))
 
     def on_test_epoch_end(self) -> None:
         self.log("test/loss", self.test_loss.compute(), sync_dist=True)
         self.log("test/acc", self.test_acc.compute(), sync_dist=True)
-        for digit, acc in enumerate(self.test_acc_per_class.compute()):
-            self.log(f"test/acc_class_{digit}", acc, sync_dist=True)
         # computed here, on every rank: after test() only rank 0 is left to log, and compute() is a collective
         self.test_confusion_matrix = self.test_confusion.compute().cpu()
         self.test_predictions = torch.cat(self._test_preds).cpu()
         self.test_loss.reset()
         self.test_acc.reset()
-        self.test_acc_per_class.reset()
 
     def configure_optimizers(self):
         opt_cfg = {k: v for k, v in self.hparams["optimizer"].items() if k != "name"}

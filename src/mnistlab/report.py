@@ -371,14 +371,13 @@ def _findings_for_readme(findings: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     from mlflow import MlflowClient
 
-    from mnistlab.paths import workspace_root
-    from mnistlab.tracking.store import resolve_tracking_uri
+    from mnistlab.tracking.store import project_store
 
     ap = argparse.ArgumentParser(description="Rebuild a sweep's report (sweep.csv, study.*, sweep.png) from MLflow.")
     ap.add_argument("--parent", help="parent run id of the sweep (default: the latest sweep)")
-    ap.add_argument("--experiment", default="mnistlab")
+    ap.add_argument("--experiment", default=None, help="default: logger.experiment_name in conf/")
     ap.add_argument("--out", default="reports", type=Path)
-    ap.add_argument("--tracking-uri", default=None)
+    ap.add_argument("--tracking-uri", default=None, help="default: the store conf/ defines")
     ap.add_argument("--quote-into", type=Path, metavar="README",
                     help="only quote <out>/study.md into README between its study-findings markers (no MLflow)")
     args = ap.parse_args(argv)
@@ -386,8 +385,9 @@ def main(argv: list[str] | None = None) -> None:
         changed = quote_into_readme(args.quote_into, "study-findings", _findings_for_readme((args.out / "study.md").read_text()))
         print(f"{args.quote_into}: {'updated' if changed else 'already up to date'} from {args.out / 'study.md'}")
         return
-    root = workspace_root()
-    client = MlflowClient(resolve_tracking_uri(args.tracking_uri, root / "mlruns"))
+    uri, experiment, _ = project_store()
+    args.experiment = args.experiment or experiment
+    client = MlflowClient(args.tracking_uri or uri)
     parent = args.parent
     if parent is None:
         exp = client.get_experiment_by_name(args.experiment)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import os
 import platform
 import socket
@@ -19,16 +20,30 @@ _NAME_SKIP_PREFIXES = (
 _NAME_CORE_KEYS = ("optimizer", "optimizer.lr", "data.batch_size")
 
 
+# What DVC writes (its lock and import files, the stage metrics/plots) and params.yaml (conf/ composed, rewritten
+# by `make repro` and `dvc exp run`): changes there are results or derived config, not a dirty checkout.
+DVC_MANAGED = (":(exclude,glob)**/dvc.lock", ":(exclude,glob)**/*.dvc", ":(exclude)params.yaml", ":(exclude)reports")
+
+
 def git_state(root: Path) -> tuple[str, bool]:
-    """(commit, dirty); ("unknown", False) outside a git checkout."""
+    """(commit, dirty): dirty when tracked code or config differs from the commit; ("unknown", False) outside git."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, check=True
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *DVC_MANAGED],
+            cwd=root, capture_output=True, text=True, check=True,
         ).stdout.strip()
         return commit, bool(dirty)
     except (OSError, subprocess.CalledProcessError):
         return "unknown", False
+
+
+def git_tags(root: Path) -> dict[str, str]:
+    """MLflow's standard git tags (commit, branch) and ours (dirty), for a run or a sweep."""
+    commit, dirty = git_state(root)
+    branch = subprocess.run(["git", "rev-parse", "--abbrev-ref", "HEAD"], cwd=root, capture_output=True, text=True)
+    return {"mlflow.source.git.commit": commit, "mnistlab.git_dirty": str(dirty).lower(),
+            **({"mlflow.source.git.branch": branch.stdout.strip()} if branch.returncode == 0 else {})}
 
 
 def device_name(device) -> str:
@@ -53,6 +68,8 @@ def environment_tags() -> dict[str, str]:
         PROC_START_TAG: f"{psutil.Process().create_time():.3f}",
         "mnistlab.command": command[:5000],
         "mlflow.source.name": command[:500],
+        "mlflow.source.type": "LOCAL",
+        "mlflow.user": getpass.getuser(),
         "version.torch": torch.__version__,
         "version.lightning": lightning.__version__,
         "version.mlflow": mlflow.__version__,

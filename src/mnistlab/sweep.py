@@ -26,6 +26,11 @@ class MlflowSweepCallback(Callback):
     def __init__(self) -> None:
         self.parent_id: str | None = None
         self.client = None
+        self.progress = None
+
+    def __getstate__(self) -> dict:
+        """joblib and submitit pickle Hydra's callbacks into every job; the progress thread stays here."""
+        return {**self.__dict__, "progress": None}
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         for stale in Path(str(config.hydra.sweep.dir)).glob(f"**/{TRIAL_STATUS_FILE}"):  # a re-used sweep dir
@@ -35,7 +40,7 @@ class MlflowSweepCallback(Callback):
         from mlflow import MlflowClient
 
         from mnistlab.cluster import local_store_problem
-        from mnistlab.run_info import environment_tags, git_state
+        from mnistlab.run_info import environment_tags, git_tags
         from mnistlab.tracking.run import PARENT_ENV, PARENT_FILE
         from mnistlab.tracking.store import open_store, store_uri
 
@@ -48,14 +53,12 @@ class MlflowSweepCallback(Callback):
         self.client = MlflowClient(uri)
         sweep_dir = Path(str(config.hydra.sweep.dir))
         overrides = " ".join(config.hydra.overrides.task)
-        commit, dirty = git_state(root)
         tags = {
             SWEEP_TAG: "true",
             SWEEP_DIR_TAG: str(sweep_dir.resolve()),
             "mnistlab.launcher": str(config.hydra.launcher.get("_target_", "")),
             "mnistlab.sweeper_params": str(dict(config.hydra.sweeper.get("params") or {})),
-            "mlflow.source.git.commit": commit,
-            "mnistlab.git_dirty": str(dirty).lower(),
+            **git_tags(root),
             **environment_tags(),
         }
         name = f"sweep {config.task_name} {time.strftime('%Y-%m-%d %H:%M:%S')}" + (f" [{overrides}]" if overrides else "")
@@ -66,12 +69,24 @@ class MlflowSweepCallback(Callback):
         os.environ[PARENT_ENV] = self.parent_id
         atexit.register(self._kill_if_open)
         log.info("MLflow parent run %s (%s)", self.parent_id, name)
+        from mnistlab.tracking.progress import SweepProgress, sweep_size
+
+        self.progress = SweepProgress(self.client, exp_id, self.parent_id, sweep_size(config)).start()
 
     def _kill_if_open(self) -> None:
         """Ctrl-C or a crash skips on_multirun_end: the parent must not stay RUNNING."""
         if self.parent_id and self.client is not None:
             if self.client.get_run(self.parent_id).info.status == "RUNNING":
                 self.client.set_terminated(self.parent_id, "KILLED")
+
+    def _register(self, run_id: str) -> None:
+        """The selected trial's model becomes mnist-mlp@champion; a registry error is reported, not fatal."""
+        from mnistlab.tracking.registry import register_champion
+
+        try:
+            register_champion(self.client, run_id, self.parent_id)
+        except Exception as e:  # the sweep's results stand without the registry entry
+            log.error("could not register the best model of run %s: %s", run_id, e)
 
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
         if _in_sweep(config):
@@ -115,6 +130,8 @@ class MlflowSweepCallback(Callback):
         from mnistlab.report import write_sweep_report
         from mnistlab.tracking.run import PARENT_ENV
 
+        if self.progress is not None:
+            self.progress.stop()
         root = root_of(config.paths.root)
         out_dirs = [sweep_dir]
         if config.paths.get("sweep_reports_dir"):
@@ -131,6 +148,8 @@ class MlflowSweepCallback(Callback):
                 best.get("val_mean", float("nan")), best.get("test_mean", float("nan")),
                 ", ".join(str(d) for d in out_dirs),
             )
+            if summary.get("best_run_id"):  # the chosen config's best seed, selected on validation
+                self._register(summary["best_run_id"])
         finally:
             self.client.set_terminated(self.parent_id, status)
             os.environ.pop(PARENT_ENV, None)

@@ -24,6 +24,9 @@ OmegaConf.register_new_resolver("sweep_values", lambda xs: ",".join(str(x) for x
 METRICS_FILE = "metrics.json"
 # What metrics.json holds; the sweep objective is val/acc_best (the val accuracy of the selected checkpoint).
 _SUMMARY_KEYS = ("test/acc", "test/loss", "val/acc_best", "epochs", "fit_seconds", "samples_per_second", "samples_seen")
+# Seconds vary run to run; kept out of metrics.json so DVC's lock (and git) change only when results do.
+TIMING_FILE = "timing.json"
+TIMING_KEYS = ("fit_seconds", "samples_per_second")
 CURVES_FILE = "curves.csv"
 # data.validation=false: Lightning runs no validation loop (not even the sanity check).
 NO_VALIDATION = {"limit_val_batches": 0, "num_sanity_val_steps": 0}
@@ -74,6 +77,12 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def write_summary(folder: Path, metrics: dict[str, float]) -> None:
+    """metrics.json (results: what DVC tracks) and timing.json (seconds, git-ignored) from one summary dict."""
+    _write_atomic(folder / METRICS_FILE, json.dumps({k: v for k, v in metrics.items() if k not in TIMING_KEYS}, indent=2) + "\n")
+    _write_atomic(folder / TIMING_FILE, json.dumps({k: v for k, v in metrics.items() if k in TIMING_KEYS}, indent=2) + "\n")
 
 
 def write_curves_csv(path: Path, rows: list[dict[str, float]]) -> None:
@@ -200,11 +209,17 @@ def _fit_and_test(cfg, tracked, model, dm, meta, history, overrides, threads, ou
 
     from mnistlab.cluster import lightning_plugins, remember_run, resume_checkpoint
 
+    from mnistlab.callbacks import clean_float
+
+    hc = _hydra()
+    # one place for "no progress bars in a sweep": its trials share a console (or have none), and the sweep
+    # prints trials done / total instead (tracking/progress.py)
+    bar = bool(cfg.trainer.enable_progress_bar) and not (hc is not None and str(hc.mode) == "RunMode.MULTIRUN")
     with tracked as run:
         if run is not None:
             remember_run(out_dir, run.run_id)  # a requeued start of this SLURM job continues this run
         validation = cfg.data.validation
-        callbacks = [history] + build_callbacks(cfg.callbacks, ckpt_dir, cfg.trainer.enable_progress_bar, validation)
+        callbacks = [history] + build_callbacks(cfg.callbacks, ckpt_dir, bar, validation)
         logger = False
         if run is not None:
             callbacks.append(run.callback())
@@ -215,7 +230,7 @@ def _fit_and_test(cfg, tracked, model, dm, meta, history, overrides, threads, ou
             run.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
             run.log_text("\n".join(overrides) + "\n", "overrides.txt")
         trainer = hydra.utils.instantiate(
-            cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(out_dir),
+            cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(out_dir), enable_progress_bar=bar,
             plugins=lightning_plugins(), **({} if validation else NO_VALIDATION),
         )
         if run is not None:
@@ -228,14 +243,14 @@ def _fit_and_test(cfg, tracked, model, dm, meta, history, overrides, threads, ou
         fit_seconds = time.perf_counter() - start
         if trainer.interrupted:
             raise KeyboardInterrupt("training was interrupted")
-        fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        fit_metrics = {k: clean_float(v) for k, v in trainer.callback_metrics.items()}
         rows = list(history.rows)  # test(ckpt_path="best") restores callback state from that checkpoint
         epochs_run = len(rows)
         ckpt_cb = trainer.checkpoint_callback
         best = effective_test_ckpt(cfg) == "best" and ckpt_cb is not None and ckpt_cb.best_model_path
         test_ckpt = "best" if best else None  # None: the weights in memory, i.e. the last epoch's
         trainer.test(model, datamodule=dm, ckpt_path=test_ckpt, verbose=False)
-        test_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+        test_metrics = {k: clean_float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
 
         metrics = {  # keys: _SUMMARY_KEYS
             "test/acc": test_metrics["test/acc"],
@@ -250,7 +265,7 @@ def _fit_and_test(cfg, tracked, model, dm, meta, history, overrides, threads, ou
             _log_results(run, cfg, model, dm, rows, metrics, test_metrics, ckpt_cb, trainer.global_step, trainer.world_size)
         if trainer.is_global_zero:  # DDP's other ranks share the output dir
             write_curves_csv(reports_dir / CURVES_FILE, rows)
-            _write_atomic(reports_dir / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
+            write_summary(reports_dir, metrics)
     log.info("test/acc=%.4f test/loss=%.4f in %.1fs (%d epochs); metrics in %s",
              metrics["test/acc"], metrics["test/loss"], fit_seconds, epochs_run, reports_dir / METRICS_FILE)
     return metrics
@@ -258,17 +273,16 @@ def _fit_and_test(cfg, tracked, model, dm, meta, history, overrides, threads, ou
 
 def _open_run(cfg: DictConfig, root: Path, overrides: list[str], meta: dict, hc, out_dir: Path | None = None):
     from mnistlab.cluster import previous_run_id, restart_count
-    from mnistlab.run_info import environment_tags, git_state, run_name
+    from mnistlab.run_info import environment_tags, git_tags, run_name
+    from mnistlab.tracking.lineage import dataset_inputs, dvc_import_source
     from mnistlab.tracking.run import TrackedRun, parent_run_id, unique_run_name
     from mnistlab.tracking.resume import config_hash
     from mnistlab.tracking.store import open_store
     from mnistlab.tracking.tags import CONFIG_HASH_TAG, PARENT_TAG
 
     uri, exp_id = open_store(cfg.paths.mlruns_dir, cfg.logger.tracking_uri, cfg.logger.experiment_name, root)
-    commit, dirty = git_state(root)
     tags = {
-        "mlflow.source.git.commit": commit,
-        "mnistlab.git_dirty": str(dirty).lower(),
+        **git_tags(root),
         "mnistlab.data_checksum": meta["data_checksum"],
         "mnistlab.data_verified": str(meta.get("verified", True)).lower(),
         "mnistlab.task": cfg.task_name,
@@ -284,7 +298,11 @@ def _open_run(cfg: DictConfig, root: Path, overrides: list[str], meta: dict, hc,
     reopen = previous_run_id(out_dir) if out_dir is not None else None
     if reopen:  # a requeued SLURM trial continues its own run (cluster.py)
         tags["mnistlab.slurm_restarts"] = str(restart_count())
-        return TrackedRun(uri, exp_id, "", tags, synchronous=cfg.logger.synchronous, reopen=reopen)
+    run = TrackedRun(uri, exp_id, "", tags, synchronous=cfg.logger.synchronous, reopen=reopen,
+                     system_metrics=cfg.logger.get("system_metrics", False),
+                     inputs=dataset_inputs(meta, dvc_import_source(root)) if "counts" in meta else [])
+    if reopen:
+        return run
     base = cfg.logger.run_name or run_name(cfg.optimizer.name, cfg.optimizer.lr, cfg.data.batch_size, overrides)
     run.run_name = unique_run_name(run.client, exp_id, base)
     return run
@@ -301,7 +319,7 @@ def _reuse_finished(run, out_dir: Path) -> dict[str, float] | None:
     with run:
         copy_results(run.client, original, run.run_id)
     metrics = {k: v for k, v in original.data.metrics.items() if k in _SUMMARY_KEYS}
-    _write_atomic(out_dir / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
+    write_summary(out_dir, metrics)
     log.info("reused run %s (%s): same config hash, not retrained; val/acc_best=%.4f test/acc=%.4f",
              original.info.run_id, original.info.run_name, metrics.get("val/acc_best", float("nan")),
              metrics.get("test/acc", float("nan")))
@@ -316,10 +334,12 @@ def _log_results(run, cfg, model, dm, rows, metrics, test_metrics, ckpt_cb, step
     from mnistlab.tracking import plots
 
     run.log_metrics({k: v for k, v in metrics.items() if k not in test_metrics}, step=step)
+    confusion = model.test_confusion_matrix.numpy()  # computed on every rank in on_test_epoch_end (DDP)
+    run.log_table(plots.per_class_table(confusion), "test_acc_per_class.json")
     if cfg.logger.plots:
         figures = {
             "curves.png": plots.curves_figure(rows, run.run_name),
-            "confusion_matrix.png": plots.confusion_figure(model.test_confusion_matrix.numpy()),
+            "confusion_matrix.png": plots.confusion_figure(model.test_confusion, model.test_confusion_matrix),
         }
         x_test, y_test = dm.split("test")
         # this rank's test samples: its DDP shard (every world_size-th), cut by trainer.limit_test_batches

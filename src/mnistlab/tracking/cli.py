@@ -58,22 +58,54 @@ def end_runs_of_process(client, pid: int, status: str, reason: str) -> list[str]
         client.set_tag(run.info.run_id, NOTE_TAG, f"**{status}**: {reason}")
         client.set_terminated(run.info.run_id, status)
     return [r.info.run_id for r in runs]
+def serve_ui(host: str, port: int, experiment: str | None = None, overrides: list[str] | None = None) -> None:
+    """Print the link to the experiment's training runs, then become `mlflow ui` over the project's store."""
+    import os
+    import shutil
+    import sys
+
+    from mlflow import MlflowClient
+
+    from mnistlab.tracking.store import artifact_location, ensure_experiment, project_store
+    from mnistlab.tracking.ui import runs_url, set_experiment_view
+
+    uri, name, mlruns = project_store(overrides)
+    exp_id = ensure_experiment(uri, experiment or name, mlruns)
+    set_experiment_view(MlflowClient(uri), exp_id)  # also for an experiment made before the project set it
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    print(f"MLflow UI for {uri}\n  training runs of {experiment or name!r}: {runs_url(f'http://{shown}:{port}', exp_id)}",
+          flush=True)
+    mlflow = shutil.which("mlflow", path=os.path.dirname(sys.executable)) or "mlflow"
+    args = [mlflow, "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    if uri.startswith("sqlite:"):
+        args += ["--default-artifact-root", artifact_location(mlruns)]
+    # mlflow 3.17's server imports starlette's deprecated WSGI middleware: a StarletteDeprecationWarning (a
+    # UserWarning) per server process on every start, nothing a user can act on
+    os.environ.setdefault("PYTHONWARNINGS", "ignore:starlette.middleware.wsgi is deprecated")
+    os.execv(mlflow, args)
 
 
 def main(argv: list[str] | None = None) -> None:
     from mlflow import MlflowClient
 
-    from mnistlab.paths import workspace_root
-    from mnistlab.tracking.store import resolve_tracking_uri
+    from mnistlab.tracking.store import project_store
 
     ap = argparse.ArgumentParser(prog="mnistlab-runs", description="Housekeeping for the project's MLflow store.")
     sub = ap.add_subparsers(dest="command", required=True)
     cs = sub.add_parser("clean-stale", help="mark RUNNING runs whose process is gone as KILLED")
-    cs.add_argument("--tracking-uri", default=None)
+    cs.add_argument("--tracking-uri", default=None, help="default: the store conf/ defines")
     cs.add_argument("--experiment", action="append", help="limit to these experiments (default: all)")
     cs.add_argument("--dry-run", action="store_true")
+    ui = sub.add_parser("ui", help="mlflow ui over the project's store, printing the link to its training runs")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--experiment", default=None, help="default: logger.experiment_name in conf/")
+    ui.add_argument("overrides", nargs="*", help="config overrides, e.g. paths.mlruns_dir=/elsewhere")
     args = ap.parse_args(argv)
-    uri = resolve_tracking_uri(args.tracking_uri, workspace_root() / "mlruns")
+    if args.command == "ui":
+        serve_ui(args.host, args.port, args.experiment, args.overrides)
+        return
+    uri = args.tracking_uri or project_store()[0]
     killed = clean_stale(MlflowClient(uri), args.experiment, args.dry_run)
     print(f"{len(killed)} stale run(s) {'found' if args.dry_run else 'marked KILLED'}")
 

@@ -12,11 +12,15 @@ from torchvision.utils import make_grid  # noqa: E402
 
 
 def curves_figure(rows: list[dict[str, float]], title: str = ""):
-    """Loss and accuracy per epoch, train vs val."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    """One panel per metric of callbacks.CURVE_KEYS (loss, acc), one line per split (train, val)."""
+    from mnistlab.callbacks import CURVE_KEYS
+
+    metrics = list(dict.fromkeys(k.split("/", 1)[1] for k in CURVE_KEYS))
+    splits = list(dict.fromkeys(k.split("/", 1)[0] for k in CURVE_KEYS))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
     epochs = [r["epoch"] for r in rows]
-    for ax, metric in zip(axes, ("loss", "acc")):
-        for split, style in (("train", "-o"), ("val", "--s")):
+    for ax, metric in zip(axes[0], metrics):
+        for split, style in zip(splits, ("-o", "--s", ":^")):
             key = f"{split}/{metric}"
             ax.plot(epochs, [r.get(key, np.nan) for r in rows], style, label=split)
         ax.set_xlabel("epoch")
@@ -28,21 +32,31 @@ def curves_figure(rows: list[dict[str, float]], title: str = ""):
     return fig
 
 
-def confusion_figure(matrix: np.ndarray, title: str = "test confusion matrix"):
-    fig, ax = plt.subplots(figsize=(6, 5.5))
-    im = ax.imshow(matrix, cmap="Blues")
-    n = matrix.shape[0]
-    for i in range(n):
-        for j in range(n):
-            ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=7,
-                    color="white" if matrix[i, j] > matrix.max() / 2 else "black")
-    ax.set_xticks(range(n))
-    ax.set_yticks(range(n))
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
+def per_class_table(matrix: np.ndarray) -> dict[str, list]:
+    """Test accuracy per digit (the confusion matrix's recall), its count and the digit it is most mistaken
+    for: one table in MLflow instead of ten single-point metric charts."""
+    from mnistlab.callbacks import clean_float
+
+    support = matrix.sum(axis=1)
+    off = matrix.astype(float).copy()
+    np.fill_diagonal(off, -1)
+    return {
+        "digit": list(range(matrix.shape[0])),
+        "test/acc": [clean_float(np.float32(matrix[d, d] / s)) if s else None for d, s in enumerate(support)],
+        "count": [int(s) for s in support],
+        "most_mistaken_for": [int(off[d].argmax()) for d in range(matrix.shape[0])],
+    }
+
+
+def confusion_figure(metric, value, title: str = "test confusion matrix"):
+    """torchmetrics' own plot of a MulticlassConfusionMatrix (counts in the cells, true vs predicted class),
+    with text small enough for 4-digit counts. `value` is its computed matrix: computing again here would be a
+    DDP collective that only rank 0 reaches."""
+    fig, ax = metric.plot(val=value, cmap="Blues")
+    for text in ax.texts:
+        text.set_fontsize(8)
     ax.set_title(title)
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
+    fig.set_size_inches(6, 5.5)
     return fig
 
 

@@ -19,6 +19,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from mnistlab.callbacks import clean_float
 from mnistlab.tracking.tags import ERROR_TAG, NOTE_TAG, SWEEP_DIR_TAG
 
 MAX_TAG_CHARS = 5000
@@ -26,6 +27,9 @@ MAX_TAG_CHARS = 5000
 
 class RunOwnedMLFlowLogger(MLFlowLogger):
     """MLFlowLogger writing into a run it did not create, in batches; finalize() leaves the status to TrackedRun.
+
+Epoch-level metrics are logged at step = epoch number (1-based, as curves.csv), so MLflow charts them against
+the epoch; per-step ones (`*_step`) keep the global step. Values lose their float32 noise (clean_float).
 
     Per-step metrics are buffered and written with the next epoch-level metrics in one log_batch: each write is
     a SQLite transaction, and one per logging step cost ~0.3 s per MNIST epoch (a fifth of it) in benchmarks.
@@ -44,8 +48,10 @@ class RunOwnedMLFlowLogger(MLFlowLogger):
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        self._pending += [Metric(k, float(v), ts, step or 0) for k, v in metrics.items() if not isinstance(v, str)]
         epoch_level = any(k != "epoch" and not k.endswith("_step") for k in metrics)
+        if epoch_level and "epoch" in metrics:  # charted against the epoch (1, 2, ...), as in curves.csv
+            step = int(metrics["epoch"]) + 1
+        self._pending += [Metric(k, clean_float(v), ts, step or 0) for k, v in metrics.items() if not isinstance(v, str)]
         if epoch_level or len(self._pending) >= self.MAX_PENDING:
             self.flush()
 
@@ -130,11 +136,12 @@ class TrackedRun:
     """Context manager around one MLflow run (a single training or one sweep trial)."""
 
     def __init__(self, tracking_uri: str, experiment_id: str, run_name: str, tags: dict[str, str], synchronous: bool,
-                 reopen: str | None = None):
+                 reopen: str | None = None, system_metrics: bool = False, inputs: list | None = None):
         from mlflow import MlflowClient
 
         self.tracking_uri, self.experiment_id, self.run_name = tracking_uri, experiment_id, run_name
         self.tags, self.synchronous = tags, synchronous
+        self.system_metrics, self.inputs, self._monitor = system_metrics, inputs or [], None
         self.client = MlflowClient(tracking_uri)
         self.run_id: str | None = reopen  # a run to continue (a requeued SLURM job), else a new one
         self.status: str | None = None
@@ -143,22 +150,31 @@ class TrackedRun:
     def __enter__(self) -> "TrackedRun":
         if self.run_id is None:
             self.run_id = self.client.create_run(self.experiment_id, run_name=self.run_name, tags=self.tags).info.run_id
-            return self
-        # Continue the run of this job's previous start: RUNNING again, this process's tags, its error cleared.
-        from mlflow.entities import RunTag
+            if self.inputs:  # the run page's "Datasets used" (tracking/lineage.py)
+                self.client.log_inputs(self.run_id, datasets=self.inputs)
+        else:
+            # Continue the run of this job's previous start: RUNNING again, this process's tags, its error cleared.
+            from mlflow.entities import RunTag
 
-        before = self.client.get_run(self.run_id)
-        self.run_name = before.info.run_name
-        self.client.update_run(self.run_id, status="RUNNING")
-        note = f"Continued in a new process after its previous one ended {before.info.status}"
-        if before.data.tags.get(ERROR_TAG):
-            self.client.delete_tag(self.run_id, ERROR_TAG)
-            note += f" ({before.data.tags[ERROR_TAG]})"
-        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in {**self.tags, NOTE_TAG: note}.items()])
+            before = self.client.get_run(self.run_id)
+            self.run_name = before.info.run_name
+            self.client.update_run(self.run_id, status="RUNNING")
+            note = f"Continued in a new process after its previous one ended {before.info.status}"
+            if before.data.tags.get(ERROR_TAG):
+                self.client.delete_tag(self.run_id, ERROR_TAG)
+                note += f" ({before.data.tags[ERROR_TAG]})"
+            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in {**self.tags, NOTE_TAG: note}.items()])
+        if self.system_metrics:  # CPU, memory, disk, network (GPU when present) as system/* metrics
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(self.run_id, tracking_uri=self.tracking_uri)
+            self._monitor.start()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         restore_sigint()
+        if self._monitor is not None:
+            self._monitor.finish()
         self.status = status_for(exc, self.seen_exception)
         if exc is not None:
             try:
@@ -200,6 +216,9 @@ class TrackedRun:
 
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_table(self, data: dict[str, list], artifact_file: str) -> None:
+        self.client.log_table(self.run_id, data=data, artifact_file=artifact_file)
 
     def log_figure(self, figure, artifact_file: str) -> None:
         self.client.log_figure(self.run_id, figure, artifact_file)

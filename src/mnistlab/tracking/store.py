@@ -71,9 +71,27 @@ def ensure_experiment(tracking_uri: str, experiment_name: str, mlruns_dir: Path)
         if exp is None:
             from mlflow.exceptions import MlflowException
 
+            from mnistlab.tracking.ui import set_experiment_view
+
             location = artifact_location(mlruns_dir) if is_local else None
             try:
-                return client.create_experiment(experiment_name, artifact_location=location)
+                exp_id = client.create_experiment(experiment_name, artifact_location=location)
             except MlflowException:  # a team server: another process created it first
                 return client.get_experiment_by_name(experiment_name).experiment_id
+            set_experiment_view(client, exp_id)
+            return exp_id
         return exp.experiment_id
+
+
+def project_store(overrides: list[str] | None = None) -> tuple[str, str, Path]:
+    """(tracking URI, experiment name, mlruns dir) as conf/ defines them (paths.mlruns_dir, logger.*), for the
+    commands that read the store outside a training run: make ui, mnistlab-report, mnistlab-runs."""
+    from hydra import compose, initialize_config_dir
+
+    from mnistlab.paths import conf_dir, resolve, root_of, workspace_root
+
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides or []))
+    root = workspace_root(root_of(cfg.paths.root))
+    mlruns = resolve(cfg.paths.mlruns_dir, root)
+    return resolve_tracking_uri(cfg.logger.tracking_uri, mlruns), cfg.logger.experiment_name, mlruns
