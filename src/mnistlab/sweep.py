@@ -122,7 +122,7 @@ class MlflowSweepCallback(Callback):
                   file=sys.stderr)
             raise SystemExit(1)
         if died:
-            print(f"error: {len(died)} of {len(statuses)} trials did not end (process killed or died): "
+            print(f"error: {len(died)} of {len(statuses)} trials were stopped or died before they ended: "
                   + "; ".join(f"{s['dir']}: {s.get('error') or s['status']}" for s in died), file=sys.stderr)
             raise SystemExit(1)
 
@@ -164,8 +164,8 @@ def _in_sweep(config: DictConfig) -> bool:
 
 
 def write_trial_status(trial_dir: Path, status: str, error: str = "", pid: int | None = None) -> None:
-    """RUNNING at the start, FINISHED/FAILED at the end (or DIED, written by the launcher when the trial's
-    process is gone); one that stays RUNNING never ended."""
+    """RUNNING at the start, FINISHED/FAILED at the end, KILLED when a signal stopped it (or DIED, written by the
+    launcher when the trial's process is gone); one that stays RUNNING never ended."""
     import json
 
     trial_dir.mkdir(parents=True, exist_ok=True)

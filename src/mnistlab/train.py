@@ -376,11 +376,21 @@ def hydra_main(cfg: DictConfig) -> float | None:
 
     hc = _hydra()
     in_sweep = hc is not None and str(hc.mode) == "RunMode.MULTIRUN"
+    from mnistlab.exits import interrupt_exit_code
+    from mnistlab.sweep import write_trial_status
+
     try:
         # The sweep objective: never the test accuracy (tuning on test is optimistic by construction); a
         # validation-free run (data.validation=false) has none and returns None.
         return train(cfg).get("val/acc_best")
-    except Exception as e:
+    except BaseException as e:
+        code = interrupt_exit_code(e)
+        if in_sweep and code is not None:  # scancel, preemption, a time limit, Ctrl-C: the trial says so itself
+            why = "SIGTERM (scancel, preemption or a time limit)" if code == 143 else "Ctrl-C"
+            write_trial_status(Path(hc.runtime.output_dir), "KILLED", f"stopped by {why}")
+            raise
+        if not isinstance(e, Exception):
+            raise
         if not in_sweep:
             if isinstance(e, (ConfigError, MnistDataError)):
                 print(f"error: {e}", file=sys.stderr)
@@ -389,8 +399,6 @@ def hydra_main(cfg: DictConfig) -> float | None:
         # A sweep goes on past a failed trial: the run is FAILED in MLflow, the sweep callback reports it
         # and makes the multirun exit non-zero at the end.
         log.exception("trial %s failed: %s", hc.job.num, e)
-        from mnistlab.sweep import write_trial_status
-
         write_trial_status(Path(hc.runtime.output_dir), "FAILED", f"{type(e).__name__}: {e}")
         if cfg.logger.enabled and not getattr(e, "mlflow_run_id", None):
             record_failed_trial(cfg, e)
