@@ -6,12 +6,14 @@ import subprocess
 
 import pytest
 
-from conftest import PROJECT_ROOT, SHARED_MNIST, cli_env, compose, fast_overrides
+from conftest import PROJECT_ROOT, SHARED_MNIST, cli_env, compose, fast_overrides, require_real_mnist
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not (SHARED_MNIST / "mnist.npz").is_file(), reason=f"no real MNIST at {SHARED_MNIST}"),
-]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _real_mnist():
+    require_real_mnist()
 
 
 @pytest.fixture(scope="module")
