@@ -1,12 +1,13 @@
-"""Real MNIST from ../shared/mnist (slow; CI runs them): verified preprocess and one epoch of the book's setup."""
+"""Real MNIST from ../shared/mnist (slow; CI runs them): verified preprocess, one epoch, the book's 0.978."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import pytest
 
-from conftest import PROJECT_ROOT, SHARED_MNIST, cli_env, compose, fast_overrides, require_real_mnist
+from conftest import PROJECT_ROOT, SHARED_MNIST, cli_env, compose, fast_overrides, require_real_mnist, run_train, store_runs
 
 pytestmark = pytest.mark.slow
 
@@ -35,6 +36,28 @@ def test_one_epoch_on_real_mnist_beats_95_percent(tmp_path, real_processed):
     ]
     metrics = train(compose(overrides))
     assert metrics["test/acc"] > 0.95, metrics
+
+
+def test_the_books_setup_scores_its_0978_on_real_mnist(tmp_path, real_processed):
+    """README: `python -m mnistlab.train experiment=chollet` (RMSprop 1e-3, batch 128, 5 epochs, seed 42) reaches
+    test/acc 0.9780 (the book: 0.9777). The thread count moves a few of the 10k test digits (1 thread here:
+    0.9781; the README's 2: 0.9780), hence +-0.001. One thread: with two, on this 2-core machine under a load of ~13, it did not finish
+    in 300 s; with one, the fit took 31 s."""
+    proc = run_train(
+        PROJECT_ROOT, "experiment=chollet", f"data.processed_dir={real_processed}", f"paths.root={tmp_path}",
+        f"paths.output_dir={tmp_path / 'out'}", f"paths.mlruns_dir={tmp_path / 'mlruns'}",
+        "trainer.enable_progress_bar=false", "callbacks.rich_progress_bar=null", "logger.log_model=false",
+        "logger.plots=false", "num_threads=1", timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["epochs"] == 5
+    assert metrics["test/acc"] == pytest.approx(0.978, abs=1e-3), metrics
+    _, (run,) = store_runs(tmp_path / "mlruns")
+    p = run.data.params
+    assert (p["optimizer"], p["lr"], p["alpha"], p["batch_size"], p["max_epochs"], p["seed"], p["hidden_sizes"]) == (
+        "rmsprop", "0.001", "0.9", "128", "5", "42", "[512]")
+    assert run.data.metrics["test/acc"] == pytest.approx(metrics["test/acc"])
 
 
 def test_make_repro_with_an_empty_mirror_fails_with_the_offline_recipe(project_copy, tmp_path):
