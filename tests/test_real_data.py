@@ -32,7 +32,7 @@ def test_one_epoch_on_real_mnist_beats_95_percent(tmp_path, real_processed):
 
     overrides = fast_overrides(tmp_path, real_processed, epochs=1) + [
         "data.val_size=5000", "data.batch_size=128", "data.eval_batch_size=1000", "trainer.log_every_n_steps=50",
-        "callbacks.finite_loss.check_every_n_steps=50", "num_threads=null", "logger.log_model=false",
+        "callbacks.finite_loss.check_every_n_steps=50", "logger.log_model=false",
     ]
     metrics = train(compose(overrides))
     assert metrics["test/acc"] > 0.95, metrics
