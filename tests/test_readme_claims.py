@@ -1,6 +1,6 @@
 """One test per README claim that had none: unique run names, the logged model's signature and input example,
 the FAILED run's description, the gpu/ddp presets, the offline failure with the default source, early stopping.
-(The book's 0.978 on real MNIST is in test_real_data.py, next to the real data.)"""
+(The book's setup on real MNIST is in test_real_data.py, next to the real data.)"""
 
 from __future__ import annotations
 
