@@ -15,6 +15,26 @@ import pytest
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SHARED_MNIST = Path(os.environ.get("MNISTLAB_SHARED_MNIST", PROJECT_ROOT.parent / "shared" / "mnist"))
+# CI (.ci/run) sets this: a test that would skip (real data or a tool missing) fails instead.
+REQUIRE_ALL = os.environ.get("MNISTLAB_REQUIRE_ALL") == "1"
+
+
+def require_real_mnist() -> None:
+    """Skip the calling test when ../shared/mnist is missing (a failure under MNISTLAB_REQUIRE_ALL=1)."""
+    if not (SHARED_MNIST / "mnist.npz").is_file():
+        pytest.skip(f"no real MNIST at {SHARED_MNIST}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under MNISTLAB_REQUIRE_ALL=1 every skip (missing data, a skipif marker, importorskip) is a failure.
+    Hand-written: pytest has no option that turns skips into failures."""
+    outcome = yield
+    report = outcome.get_result()
+    if REQUIRE_ALL and report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.longrepr = f"skipped, but MNISTLAB_REQUIRE_ALL=1 (CI) allows no skips: {reason}"
 
 
 def fake_mnist(n_train: int = 600, n_test: int = 200, seed: int = 0) -> dict[str, np.ndarray]:
@@ -150,3 +170,20 @@ def fast_overrides(tmp: Path, processed: Path, epochs: int = 2) -> list[str]:
         f"paths.sweep_reports_dir={tmp / 'reports'}",
         "num_threads=1",
     ]
+
+
+def run_train(cwd: Path, *overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m mnistlab.train <overrides>` as a real process in `cwd`."""
+    return subprocess.run([sys.executable, "-m", "mnistlab.train", *overrides], cwd=cwd, env=cli_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def store_runs(mlruns: Path, experiment: str = "mnistlab") -> tuple:
+    """(client, every run of `experiment`) in the SQLite store under `mlruns`."""
+    from mlflow import MlflowClient
+
+    from mnistlab.tracking.store import default_tracking_uri
+
+    client = MlflowClient(default_tracking_uri(mlruns))
+    exp = client.get_experiment_by_name(experiment)
+    return client, (client.search_runs([exp.experiment_id], max_results=1000) if exp else [])

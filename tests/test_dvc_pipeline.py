@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BIN, SHARED_MNIST, cli_env, fake_mnist, write_npz
+from conftest import BIN, SHARED_MNIST, cli_env, fake_mnist, require_real_mnist, write_npz
 
 from mnistlab.data.mnist_files import CANONICAL_SHA256, sha256_of
 
@@ -196,8 +196,7 @@ def _readme_facts() -> tuple[dict[str, str], dict[str, list[int]]]:
 
 @pytest.mark.slow
 def test_real_mnist_through_dvc(project_copy):
-    if not (SHARED_MNIST / "mnist.npz").is_file():
-        pytest.skip(f"no real MNIST at {SHARED_MNIST}")
+    require_real_mnist()
     proj = project_copy
     params = yaml.safe_load((proj / "params.yaml").read_text())["data"]
     assert params["verify_checksums"] is True and params["val_size"] == 5000  # the committed defaults

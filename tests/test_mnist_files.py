@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import IDX_NAMES, SHARED_MNIST, fake_mnist, idx_bytes, write_idx, write_npz
+from conftest import IDX_NAMES, SHARED_MNIST, fake_mnist, idx_bytes, require_real_mnist, write_idx, write_npz
 
 from mnistlab.data.mnist_files import (
     CANONICAL_SHA256,
@@ -328,8 +328,7 @@ def test_wrong_sample_count_only_checked_with_verification(tmp_path):
 
 @pytest.fixture(scope="module")
 def real_npz():
-    if not (SHARED_MNIST / "mnist.npz").is_file():
-        pytest.skip(f"no real MNIST at {SHARED_MNIST}")
+    require_real_mnist()
     return load_raw(SHARED_MNIST)
 
 
