@@ -37,7 +37,9 @@ def test_fast_run_writes_metrics_and_one_curve_row_per_epoch(tmp_path, processed
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
     timing = json.loads((tmp_path / "out" / "timing.json").read_text())
     assert {**saved, **timing} == metrics
-    assert set(saved) == {"test/acc", "test/loss", "val/acc_best", "epochs"}  # results only: DVC tracks this file
+    # results only (DVC tracks this file); samples_seen: 2 epochs x 500 images (the fixture's 600 minus 100 val)
+    assert set(saved) == {"test/acc", "test/loss", "val/acc_best", "epochs", "samples_seen"}
+    assert saved["samples_seen"] == 2 * 500
     assert set(timing) == {"fit_seconds", "samples_per_second"} and timing["fit_seconds"] > 0
     assert 0.5 < saved["test/acc"] <= 1.0 and saved["epochs"] == 2
     rows = _curves(tmp_path / "out" / "curves.csv")
