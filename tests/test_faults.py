@@ -128,8 +128,7 @@ def test_a_killed_trial_process_is_failed_and_the_sweep_goes_on(tmp_path, proces
 def test_trial_capacity_is_capped_by_cores_and_by_memory(caplog):
     import psutil
 
-    from mnistlab.launching import GIB, trial_capacity
-    from mnistlab.train import available_cores
+    from mnistlab.launching import GIB, available_cores, trial_capacity
 
     cores = available_cores()
     assert trial_capacity(36, mem_per_trial_gb=0.001) == min(36, cores)

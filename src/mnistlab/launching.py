@@ -1,4 +1,5 @@
-"""Local parallel sweeps that survive a dead trial and fit the machine (used by hydra_plugins/mnistlab_launchers).
+"""Local parallel sweeps that survive a dead trial and fit the machine (used by hydra_plugins/mnistlab_launchers),
+and each trial's share of the machine: how many run at once, how many torch threads each gets.
 
 Why by hand: loky (joblib) and concurrent.futures mark the whole pool broken when one worker dies, failing every
 in-flight and queued trial (a `kill -9` or the OOM killer ended the study with TerminatedWorkerError). Here each
@@ -20,15 +21,47 @@ from typing import Any, Callable, Sequence
 log = logging.getLogger("mnistlab.launching")
 
 GIB = 1024**3
-PARALLEL_ENV = "MNISTLAB_PARALLEL_TRIALS"  # how many trials run at once: train.py gives each cores // this threads
+PARALLEL_ENV = "MNISTLAB_PARALLEL_TRIALS"  # how many trials run at once: configure_threads gives each cores // this
 _PRELOAD = ["mnistlab.train", "torch", "lightning.pytorch", "mlflow", "hydra_plugins.hydra_joblib_launcher._core"]
+
+
+def available_cores() -> int:
+    """Cores this process may use (respects taskset/cgroup/SLURM affinity, unlike os.cpu_count())."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def parallel_jobs(hc) -> int:
+    """How many trials run at once on this machine under the current Hydra launcher."""
+    if hc is None or str(hc.mode) != "RunMode.MULTIRUN":
+        return 1
+    if os.environ.get(PARALLEL_ENV):  # set by mnistlab's launchers after capping (trial_capacity)
+        return max(1, int(os.environ[PARALLEL_ENV]))
+    launcher = hc.launcher
+    target = str(launcher.get("_target_", ""))
+    cores = available_cores()
+    if "joblib" in target:
+        n = launcher.get("n_jobs", -1)
+        return cores if n is None or n < 0 else max(1, n)
+    if "LocalLauncher" in target:  # submitit_local starts every trial at once
+        return cores
+    return 1
+
+
+def configure_threads(num_threads: int | None, jobs: int) -> int:
+    """Torch intra-op threads: the configured number, else cores / parallel jobs (no oversubscription)."""
+    import torch
+
+    n = num_threads or max(1, available_cores() // jobs)
+    torch.set_num_threads(n)
+    return n
 
 
 def trial_capacity(requested: int, mem_per_trial_gb: float) -> int:
     """How many trials to run at once: `requested`, capped by the cores and by available memory / per-trial peak."""
     import psutil
-
-    from mnistlab.train import available_cores
 
     cores = available_cores()
     available = psutil.virtual_memory().available

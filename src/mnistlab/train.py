@@ -15,6 +15,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from mnistlab.config import ConfigError, validate, validate_inputs
+from mnistlab.launching import configure_threads, parallel_jobs
 from mnistlab.paths import CONF_DIR, resolve, root_of, unique_stamp
 
 log = logging.getLogger("mnistlab.train")
@@ -36,40 +37,6 @@ def _hydra():
     from hydra.core.hydra_config import HydraConfig
 
     return HydraConfig.get() if HydraConfig.initialized() else None
-
-
-def available_cores() -> int:
-    """Cores this process may use (respects taskset/cgroup/SLURM affinity, unlike os.cpu_count())."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def parallel_jobs(hc) -> int:
-    """How many trials run at once on this machine under the current Hydra launcher."""
-    if hc is None or str(hc.mode) != "RunMode.MULTIRUN":
-        return 1
-    if os.environ.get("MNISTLAB_PARALLEL_TRIALS"):  # set by mnistlab's launchers after capping (launching.py)
-        return max(1, int(os.environ["MNISTLAB_PARALLEL_TRIALS"]))
-    launcher = hc.launcher
-    target = str(launcher.get("_target_", ""))
-    cores = available_cores()
-    if "joblib" in target:
-        n = launcher.get("n_jobs", -1)
-        return cores if n is None or n < 0 else max(1, n)
-    if "LocalLauncher" in target:  # submitit_local starts every trial at once
-        return cores
-    return 1
-
-
-def configure_threads(num_threads: int | None, jobs: int) -> int:
-    """Torch intra-op threads: the configured number, else cores / parallel jobs (no oversubscription)."""
-    import torch
-
-    n = num_threads or max(1, available_cores() // jobs)
-    torch.set_num_threads(n)
-    return n
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -57,8 +57,7 @@ class ContainedJoblibLauncher(JoblibLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from hydra_plugins.hydra_joblib_launcher._core import execute_job
 
-        from mnistlab.launching import PARALLEL_ENV, ContainedTrials, trial_capacity
-        from mnistlab.train import available_cores
+        from mnistlab.launching import PARALLEL_ENV, ContainedTrials, available_cores, trial_capacity
 
         _announce(self, job_overrides, initial_job_idx)
         n_jobs = self.joblib.get("n_jobs") or -1
@@ -99,7 +98,7 @@ class CappedLocalLauncher(LocalLauncher):
 
         _announce(self, job_overrides, initial_job_idx)
         n = trial_capacity(min(len(job_overrides), self.max_parallel or len(job_overrides)), self.mem_per_trial_gb)
-        os.environ[PARALLEL_ENV] = str(n)  # submitit's processes inherit it: train.py gives each cores // n threads
+        os.environ[PARALLEL_ENV] = str(n)  # submitit's processes inherit it: configure_threads gives each cores // n threads
         executor = self._executor()
         pending = list(enumerate(job_overrides))
         jobs: list = []
