@@ -136,7 +136,7 @@ def test_validation_free_run_logs_no_val_metrics_and_tests_the_last_weights(tmp_
     metrics = train(compose(fast_overrides(tmp_path, processed_dir, epochs=3) + ["data.validation=false",
                                                                                   "logger.log_model=false"]))
     assert "val/acc_best" not in metrics and metrics["epochs"] == 3
-    from mnistlab.train import TIMING_KEYS
+    from mnistlab.outputs import TIMING_KEYS
 
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert saved == {k: v for k, v in metrics.items() if k not in TIMING_KEYS}

@@ -20,6 +20,7 @@ import statistics
 from itertools import combinations
 from pathlib import Path
 
+from mnistlab.outputs import write_atomic
 from mnistlab.tracking.tags import PARENT_TAG, REUSED_TAG, SWEEP_TAG
 
 OBJECTIVE = "val/acc_best"  # what selects a config (the val accuracy of each trial's selected checkpoint)
@@ -306,12 +307,6 @@ def sweep_figure(summary: dict, client):
     return fig
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def write_sweep_report(client, parent_run_id: str, out_dirs: list[Path]) -> dict:
     """Write the report files to each of `out_dirs` and to the parent run; returns the summary."""
     import matplotlib.pyplot as plt
@@ -328,7 +323,7 @@ def write_sweep_report(client, parent_run_id: str, out_dirs: list[Path]) -> dict
     for d in out_dirs:
         d.mkdir(parents=True, exist_ok=True)
         for name, text in texts.items():
-            _write_atomic(d / name, text)
+            write_atomic(d / name, text)
         fig.savefig(d / ".sweep.png.tmp.png", dpi=110)
         (d / ".sweep.png.tmp.png").replace(d / "sweep.png")
     for name, text in texts.items():
@@ -358,7 +353,7 @@ def quote_into_readme(readme: Path, tag: str, text: str) -> bool:
     head, rest = old.split(begin, 1)
     new = f"{head}{begin}\n{text.rstrip()}\n{end}{rest.split(end, 1)[1]}"
     if new != old:
-        _write_atomic(readme, new)
+        write_atomic(readme, new)
     return new != old
 
 

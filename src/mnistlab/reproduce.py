@@ -293,13 +293,13 @@ def build_report(client, parent_run_id: str) -> dict:
 def write_report(client, parent_run_id: str, out_dir: Path, readme: Path | None) -> dict:
     """reproduce.{md,json,csv} into `out_dir` and onto the parent run; the README's table when `readme` is set."""
     from mnistlab.report import quote_into_readme
-    from mnistlab.train import _write_atomic
+    from mnistlab.outputs import write_atomic
 
     report = build_report(client, parent_run_id)
     files = {"reproduce.md": render_markdown(report), "reproduce.json": json.dumps(report, indent=2) + "\n",
              "reproduce.csv": rows_csv(report["runs"])}
     for name, text in files.items():
-        _write_atomic(out_dir / name, text)
+        write_atomic(out_dir / name, text)
         client.log_text(parent_run_id, text, name)
     if readme is not None:
         quote_into_readme(readme, README_TAG, results_table(report["summary"]))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import sys
@@ -16,19 +15,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from mnistlab.config import ConfigError, validate, validate_inputs
 from mnistlab.launching import configure_threads, parallel_jobs
-from mnistlab.paths import CONF_DIR, resolve, root_of, unique_stamp
+from mnistlab.outputs import CURVES_FILE, METRICS_FILE, SUMMARY_KEYS, output_dirs, write_curves_csv, write_summary
+from mnistlab.paths import CONF_DIR, resolve, root_of
 
 log = logging.getLogger("mnistlab.train")
 # `${sweep_values:${study.lrs}}` turns a YAML list into a Hydra sweep ("0.001,0.01"), so the study's grid is
 # plain config that `dvc exp run -S 'study.lrs=[0.01,0.1]'` can set.
 OmegaConf.register_new_resolver("sweep_values", lambda xs: ",".join(str(x) for x in xs), replace=True)
-METRICS_FILE = "metrics.json"
-# What metrics.json holds; the sweep objective is val/acc_best (the val accuracy of the selected checkpoint).
-_SUMMARY_KEYS = ("test/acc", "test/loss", "val/acc_best", "epochs", "fit_seconds", "samples_per_second", "samples_seen")
-# Seconds vary run to run; kept out of metrics.json so DVC's lock (and git) change only when results do.
-TIMING_FILE = "timing.json"
-TIMING_KEYS = ("fit_seconds", "samples_per_second")
-CURVES_FILE = "curves.csv"
 # data.validation=false: Lightning runs no validation loop (not even the sanity check).
 NO_VALIDATION = {"limit_val_batches": 0, "num_sanity_val_steps": 0}
 
@@ -37,27 +30,6 @@ def _hydra():
     from hydra.core.hydra_config import HydraConfig
 
     return HydraConfig.get() if HydraConfig.initialized() else None
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def write_summary(folder: Path, metrics: dict[str, float]) -> None:
-    """metrics.json (results: what DVC tracks) and timing.json (seconds, git-ignored) from one summary dict."""
-    _write_atomic(folder / METRICS_FILE, json.dumps({k: v for k, v in metrics.items() if k not in TIMING_KEYS}, indent=2) + "\n")
-    _write_atomic(folder / TIMING_FILE, json.dumps({k: v for k, v in metrics.items() if k in TIMING_KEYS}, indent=2) + "\n")
-
-
-def write_curves_csv(path: Path, rows: list[dict[str, float]]) -> None:
-    from mnistlab.callbacks import CURVE_KEYS
-
-    lines = [",".join(["epoch", *CURVE_KEYS])]
-    lines += [",".join([str(r["epoch"]), *(f"{r.get(k, float('nan')):.6f}" for k in CURVE_KEYS)]) for r in rows]
-    _write_atomic(path, "\n".join(lines) + "\n")
 
 
 def effective_test_ckpt(cfg: DictConfig) -> str:
@@ -111,18 +83,6 @@ def build_callbacks(callbacks_cfg: DictConfig, checkpoint_dir: Path, progress_ba
     return out
 
 
-def _dirs(paths_cfg: DictConfig, root: Path, hc) -> tuple[Path, Path, Path]:
-    if paths_cfg.output_dir:
-        out = resolve(paths_cfg.output_dir, root)
-    elif hc is not None:
-        out = Path(hc.runtime.output_dir)
-    else:
-        out = root / "logs" / "runs" / unique_stamp()
-    reports = resolve(paths_cfg.reports_dir, root) if paths_cfg.reports_dir else out
-    ckpts = resolve(paths_cfg.checkpoint_dir, root) if paths_cfg.checkpoint_dir else out / "checkpoints"
-    return out, reports, ckpts
-
-
 def train(cfg: DictConfig) -> dict[str, float]:
     """Validate `cfg`, train and test the MLP, write metrics.json + curves.csv, track it all in MLflow."""
     validate(cfg)
@@ -138,7 +98,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     hc = _hydra()
     root = root_of(cfg.paths.root)
     validate_inputs(cfg, root)
-    out_dir, reports_dir, ckpt_dir = _dirs(cfg.paths, root, hc)
+    dirs = output_dirs(cfg.paths, root, hc)
+    out_dir, reports_dir, ckpt_dir = dirs.out, dirs.reports, dirs.checkpoints
     threads = configure_threads(cfg.num_threads, parallel_jobs(hc))
     torch.set_flush_denormal(bool(cfg.flush_denormal))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -219,7 +180,7 @@ def _fit_and_test(cfg, tracked, model, dm, meta, history, overrides, threads, ou
         trainer.test(model, datamodule=dm, ckpt_path=test_ckpt, verbose=False)
         test_metrics = {k: clean_float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
 
-        metrics = {  # keys: _SUMMARY_KEYS
+        metrics = {  # keys: SUMMARY_KEYS
             "test/acc": test_metrics["test/acc"],
             "test/loss": test_metrics["test/loss"],
             **({"val/acc_best": fit_metrics.get("val/acc_best", float("nan"))} if validation else {}),
@@ -285,7 +246,7 @@ def _reuse_finished(run, out_dir: Path) -> dict[str, float] | None:
         return None
     with run:
         copy_results(run.client, original, run.run_id)
-    metrics = {k: v for k, v in original.data.metrics.items() if k in _SUMMARY_KEYS}
+    metrics = {k: v for k, v in original.data.metrics.items() if k in SUMMARY_KEYS}
     write_summary(out_dir, metrics)
     log.info("reused run %s (%s): same config hash, not retrained; val/acc_best=%.4f test/acc=%.4f",
              original.info.run_id, original.info.run_name, metrics.get("val/acc_best", float("nan")),
