@@ -20,7 +20,8 @@ from omegaconf import OmegaConf
 from conftest import BIN, cli_env, compose, fast_overrides, git, store_runs
 from mnistlab.tracking.store import default_tracking_uri
 from mnistlab.tracking.tags import HOST_TAG, NOTE_TAG, PID_TAG, PROC_START_TAG
-from mnistlab.train import curated_params, train
+from mnistlab.tracking.trial import curated_params
+from mnistlab.train import train
 
 COMMIT_TAG, DIRTY_TAG = "mlflow.source.git.commit", "mnistlab.git_dirty"
 

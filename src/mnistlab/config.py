@@ -194,3 +194,8 @@ def validate(cfg: DictConfig) -> None:
     if found:
         lines = "\n".join(f"  - {p}" for p in found)
         raise ConfigError(f"Invalid configuration ({len(found)} problem(s)); nothing was started:\n{lines}")
+
+
+def effective_test_ckpt(cfg: DictConfig) -> str:
+    """Which weights the test scores: cfg.test_ckpt, but always "last" without validation (there is no best)."""
+    return cfg.test_ckpt if cfg.data.validation else "last"

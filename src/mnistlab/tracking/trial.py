@@ -1,0 +1,170 @@
+"""One training trial in MLflow: its run opened with provenance tags, its params and config, its results.
+
+train.py calls these in order: open_trial_run (or reuse_finished), log_run_start, log_device, log_results;
+record_failed_trial gives a sweep trial that failed before its run opened a FAILED run anyway.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from mnistlab.config import effective_test_ckpt
+from mnistlab.outputs import SUMMARY_KEYS, write_summary
+
+log = logging.getLogger("mnistlab.train")
+# optimizer config keys that are Hydra's, not the optimizer's; `name` is logged as the `optimizer` param
+_NOT_OPTIMIZER_PARAMS = ("name", "_target_", "_partial_")
+
+
+def task_overrides(hc) -> list[str]:
+    """The command line's overrides of this trial (none outside Hydra)."""
+    return list(hc.overrides.task) if hc is not None else []
+
+
+def curated_params(cfg: DictConfig) -> dict:
+    """The flat parameters a user compares runs by in the MLflow UI; the optimizer's are its config's own keys,
+    so a new optimizer (or a new optimizer setting) needs no change here."""
+    opt = OmegaConf.to_container(cfg.optimizer, resolve=True)
+    return {
+        "optimizer": opt["name"],
+        **{k: v for k, v in opt.items() if k not in _NOT_OPTIMIZER_PARAMS},
+        "batch_size": cfg.data.batch_size,
+        "max_epochs": cfg.trainer.max_epochs,
+        "seed": cfg.seed,
+        "hidden_sizes": list(cfg.model.hidden_sizes),
+        "activation": cfg.model.activation,
+        "init": cfg.model.init,
+        "dropout": cfg.model.dropout,
+        "precision": cfg.trainer.precision,
+        "accelerator": cfg.trainer.accelerator,
+        "val_size": cfg.data.val_size,
+        "split_seed": cfg.data.split_seed,
+        "validation": cfg.data.validation,
+        "test_ckpt": effective_test_ckpt(cfg),
+    }
+
+
+def open_trial_run(cfg: DictConfig, root: Path, meta: dict, hc, out_dir: Path | None = None):
+    """The trial's TrackedRun (not yet started): provenance tags, its sweep parent, its config hash, a unique
+    name; a requeued SLURM trial (a run id remembered in `out_dir`) reopens its own run instead."""
+    from mnistlab.cluster import previous_run_id, restart_count
+    from mnistlab.run_info import environment_tags, git_tags, run_name
+    from mnistlab.tracking.lineage import dataset_inputs, dvc_import_source
+    from mnistlab.tracking.resume import config_hash
+    from mnistlab.tracking.run import TrackedRun, parent_run_id, unique_run_name
+    from mnistlab.tracking.store import open_store
+    from mnistlab.tracking.tags import CONFIG_HASH_TAG, PARENT_TAG
+
+    uri, exp_id = open_store(cfg.paths.mlruns_dir, cfg.logger.tracking_uri, cfg.logger.experiment_name, root)
+    tags = {
+        **git_tags(root),
+        "mnistlab.data_checksum": meta["data_checksum"],
+        "mnistlab.data_verified": str(meta.get("verified", True)).lower(),
+        "mnistlab.task": cfg.task_name,
+        **environment_tags(),
+    }
+    sweep_dir = Path(hc.sweep.dir) if hc is not None and str(hc.mode) == "RunMode.MULTIRUN" else None
+    run = TrackedRun(uri, exp_id, "", tags, synchronous=cfg.logger.synchronous)
+    parent = parent_run_id(sweep_dir, run.client)
+    if parent:
+        tags[PARENT_TAG] = parent
+        tags["mnistlab.trial"] = str(hc.job.num) if hc is not None else ""
+    tags[CONFIG_HASH_TAG] = config_hash(cfg, meta["data_checksum"])
+    reopen = previous_run_id(out_dir) if out_dir is not None else None
+    if reopen:  # a requeued SLURM trial continues its own run (cluster.py)
+        tags["mnistlab.slurm_restarts"] = str(restart_count())
+    run = TrackedRun(uri, exp_id, "", tags, synchronous=cfg.logger.synchronous, reopen=reopen,
+                     system_metrics=cfg.logger.get("system_metrics", False),
+                     inputs=dataset_inputs(meta, dvc_import_source(root)) if "counts" in meta else [])
+    if reopen:
+        return run
+    base = cfg.logger.run_name or run_name(cfg.optimizer.name, cfg.optimizer.lr, cfg.data.batch_size, task_overrides(hc))
+    run.run_name = unique_run_name(run.client, exp_id, base)
+    return run
+
+
+def reuse_finished(run, out_dir: Path) -> dict[str, float] | None:
+    """A trial whose config hash already FINISHED is not retrained: its run becomes a copy of that one."""
+    from mnistlab.tracking.resume import copy_results, find_finished
+    from mnistlab.tracking.tags import CONFIG_HASH_TAG
+
+    original = find_finished(run.client, run.experiment_id, run.tags[CONFIG_HASH_TAG])
+    if original is None:
+        return None
+    with run:
+        copy_results(run.client, original, run.run_id)
+    metrics = {k: v for k, v in original.data.metrics.items() if k in SUMMARY_KEYS}
+    write_summary(out_dir, metrics)
+    log.info("reused run %s (%s): same config hash, not retrained; val/acc_best=%.4f test/acc=%.4f",
+             original.info.run_id, original.info.run_name, metrics.get("val/acc_best", float("nan")),
+             metrics.get("test/acc", float("nan")))
+    return metrics
+
+
+def log_run_start(run, cfg: DictConfig, threads: int, overrides: list[str]) -> None:
+    """Before training: the curated params, the thread count, whether it validates, the resolved config and the
+    overrides that made it (so even a run that fails in fit says what it was)."""
+    run.log_params(curated_params(cfg))
+    run.client.set_tag(run.run_id, "mnistlab.torch_threads", str(threads))
+    run.client.set_tag(run.run_id, "mnistlab.validation", str(cfg.data.validation).lower())
+    run.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    run.log_text("\n".join(overrides) + "\n", "overrides.txt")
+
+
+def log_device(run, trainer) -> None:
+    """The device the trainer's strategy put the model on (known only once the trainer exists)."""
+    from mnistlab.run_info import device_name
+
+    run.client.set_tag(run.run_id, "mnistlab.device", device_name(trainer.strategy.root_device))
+
+
+def log_results(run, cfg: DictConfig, trainer, model, dm, rows: list[dict], metrics: dict[str, float]) -> None:
+    """After test: the summary metrics the logger has not logged, the per-class table, the plots, the best
+    checkpoint and the model, as cfg.logger asks."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import torch
+
+    from mnistlab.tracking import plots
+
+    # test/* came through the logger during trainer.test
+    run.log_metrics({k: v for k, v in metrics.items() if not k.startswith("test/")}, step=trainer.global_step)
+    confusion = model.test_confusion_matrix.numpy()  # computed on every rank in on_test_epoch_end (DDP)
+    run.log_table(plots.per_class_table(confusion), "test_acc_per_class.json")
+    if cfg.logger.plots:
+        figures = {
+            "curves.png": plots.curves_figure(rows, run.run_name),
+            "confusion_matrix.png": plots.confusion_figure(model.test_confusion, model.test_confusion_matrix),
+        }
+        x_test, y_test = dm.split("test")
+        # this rank's test samples: its DDP shard (every world_size-th), cut by trainer.limit_test_batches
+        n, world_size = model.test_predictions.shape[0], trainer.world_size
+        figures["misclassified.png"] = plots.misclassified_figure(
+            x_test[::world_size][:n].cpu(), model.test_predictions, y_test[::world_size][:n].cpu(), cfg.logger.misclassified_max
+        )
+        for name, fig in figures.items():
+            run.log_figure(fig, name)
+            plt.close(fig)
+    ckpt_cb = trainer.checkpoint_callback
+    if cfg.logger.log_checkpoint and ckpt_cb is not None and ckpt_cb.best_model_path:
+        run.log_artifact(Path(ckpt_cb.best_model_path), "checkpoints")
+    if cfg.logger.log_model:
+        net = copy.deepcopy(model.net).cpu().float().eval()
+        example = dm.split("test")[0][:5].cpu().numpy().astype(np.float32)
+        run.log_model(net, example, [f"torch=={torch.__version__.split('+')[0]}"])
+
+
+def record_failed_trial(cfg: DictConfig, error: Exception, hc) -> None:
+    """A sweep trial that failed before its run opened (bad value, missing data) still gets a FAILED run."""
+    from mnistlab.paths import root_of
+
+    meta = {"data_checksum": "unknown"}
+    try:
+        with open_trial_run(cfg, root_of(cfg.paths.root), meta, hc):
+            raise error
+    except Exception:
+        pass
