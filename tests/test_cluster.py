@@ -86,7 +86,9 @@ def test_slurm_sweep_on_the_postgres_server(tmp_path, processed_dir, slurm, mlfl
     assert proc.returncode == 0, proc.stderr[-4000:]
     client, exp, (parent,), children = _runs(mlflow_server, exp_name)
     assert parent.info.status == "FINISHED"
-    assert len(children) == 3 and {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    seen = [(c.data.tags.get("mnistlab.trial"), c.info.run_name, c.info.status, c.data.tags.get("mnistlab.error", "")[:200])
+            for c in children]
+    assert len(children) == 3 and {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}, seen
     by_lr = {float(c.data.params["lr"]): c for c in children}
     assert by_lr[0.1].info.status == by_lr[0.01].info.status == "FINISHED"
     assert by_lr[1e30].info.status == "FAILED" and "NonFiniteLossError" in by_lr[1e30].data.tags["mnistlab.error"]

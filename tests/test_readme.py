@@ -7,6 +7,7 @@ Every line of a ```bash block is a command (a trailing `\\` continues it); a tra
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import subprocess
@@ -62,8 +63,10 @@ def _fresh_clone_venv(proj: Path) -> None:
     for entry in venv.iterdir():
         if not entry.name.startswith(".installed-"):
             (proj / ".venv" / entry.name).symlink_to(entry)
-    for stamp in venv.glob(".installed-*"):
-        (proj / ".venv" / stamp.name).touch()
+    # the Makefile's stamp name for the clone's pyproject.toml (not this venv's, which may be stale): a reinstall
+    # here would point this venv's editable install at the temporary clone
+    digest = hashlib.sha256((proj / "pyproject.toml").read_bytes()).hexdigest()[:16]
+    (proj / ".venv" / f".installed-{digest}").touch()
 
 
 def _user_env(**extra: str) -> dict[str, str]:

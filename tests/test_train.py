@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from conftest import compose, fast_overrides
+from conftest import compose, fast_overrides, run_train, store_runs
 from mnistlab.data.datamodule import DeviceBatches
 from mnistlab.train import train
 
@@ -75,6 +75,23 @@ def test_resume_after_interrupt_continues_from_the_saved_epoch(tmp_path, process
     assert [int(r["epoch"]) for r in _curves(tmp_path / "r/out/curves.csv")] == [1, 2, 3]
     assert resumed["test/acc"] == straight["test/acc"]
     assert resumed["test/loss"] == pytest.approx(straight["test/loss"], rel=1e-6)
+
+
+def test_cli_resume_takes_the_runs_own_overrides_and_the_command_lines_win(tmp_path, processed_dir):
+    """README's `python -m mnistlab.train ckpt_path=<last.ckpt>` on a momentum run: it resumes as momentum (the
+    default rmsprop would fail on momentum's optimizer state), with trainer.max_epochs from the command line."""
+    common = [o for o in fast_overrides(tmp_path, processed_dir) if not o.startswith("paths.output_dir=")]
+    first = run_train(tmp_path, *common, "optimizer=momentum", "optimizer.lr=0.03", f"hydra.run.dir={tmp_path / 'a'}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    resumed = run_train(tmp_path, *common, f"ckpt_path={last}", "trainer.max_epochs=3", f"hydra.run.dir={tmp_path / 'b'}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "with the overrides it was started with" in resumed.stderr and "optimizer=momentum" in resumed.stderr
+    _, runs = store_runs(tmp_path / "mlruns")
+    latest = max(runs, key=lambda r: r.info.start_time)
+    assert (latest.data.params["optimizer"], latest.data.params["lr"], latest.data.params["max_epochs"]) == ("momentum", "0.03", "3")
+    before, after = _curves(tmp_path / "a" / "curves.csv"), _curves(tmp_path / "b" / "curves.csv")
+    assert [int(r["epoch"]) for r in after] == [1, 2, 3] and after[:2] == before, "epochs 1-2 from the checkpoint"
 
 
 def test_device_batches_cover_each_sample_once_in_a_seeded_order():

@@ -100,6 +100,10 @@ def squeue_states(job_ids: list[str]) -> dict[str, str]:
     bases = sorted({j.split("_")[0] for j in job_ids})
     out = subprocess.run(["squeue", "-h", "-r", "-t", "all", "-o", "%i %T", "-j", ",".join(bases)],
                          capture_output=True, text=True, timeout=60)
+    if out.returncode != 0 and "Invalid job id" in out.stderr:  # forgotten after MinJobAge: ended
+        return {}
+    if out.returncode != 0:  # slurmctld busy or restarting: an empty answer would read as "every job ended"
+        raise subprocess.CalledProcessError(out.returncode, "squeue", out.stdout, out.stderr)
     return dict(line.split()[:2] for line in out.stdout.splitlines() if len(line.split()) >= 2)
 
 
@@ -112,7 +116,12 @@ def wait_for_jobs(jobs: list, poll_s: float = 2.0) -> dict[str, str]:
     pending = list(jobs)
     states: dict[str, str] = {}
     while pending:
-        states = squeue_states([j.job_id for j in pending])
+        try:
+            states = squeue_states([j.job_id for j in pending])
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+            log.warning("squeue did not answer (%s); asking again in %.0f s", str(getattr(e, "stderr", e)).strip()[:200], poll_s)
+            time.sleep(poll_s)
+            continue
         pending = [j for j in pending if not j.paths.result_pickle.exists()
                    and j.job_id in states and states[j.job_id] not in ENDED]
         if pending:

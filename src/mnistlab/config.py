@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 from numbers import Real
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -104,8 +106,6 @@ def problems(cfg: DictConfig) -> list[str]:
 def input_problems(cfg: DictConfig, root) -> list[str]:
     """What the config points at, checked before data loads or a run opens: the checkpoint to resume, the MLflow
     store, and that the split parameters are the ones data/processed was made with."""
-    from pathlib import Path
-
     from mnistlab.paths import resolve
 
     out = []
@@ -199,3 +199,24 @@ def validate(cfg: DictConfig) -> None:
 def effective_test_ckpt(cfg: DictConfig) -> str:
     """Which weights the test scores: cfg.test_ckpt, but always "last" without validation (there is no best)."""
     return cfg.test_ckpt if cfg.data.validation else "last"
+
+
+def with_run_overrides(argv: list[str]) -> list[str]:
+    """`ckpt_path=<run dir>/checkpoints/<file>.ckpt` resumes that run as it was configured: the overrides it was
+    started with (its .hydra/overrides.yaml) go first, so keys given on the command line still win. Without them
+    a run started with optimizer=momentum would resume under the default optimizer and fail on its state."""
+    ckpt = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("ckpt_path=")), None)
+    if not ckpt or "-m" in argv or "--multirun" in argv:
+        return argv
+    saved = Path(ckpt).expanduser().resolve().parent.parent / ".hydra" / "overrides.yaml"
+    if not saved.is_file():
+        return argv
+    def key(override: str) -> str:
+        return override.split("=", 1)[0].lstrip("+~")
+
+    given = {key(a) for a in argv[1:] if "=" in a}
+    inherited = [str(o) for o in OmegaConf.load(saved) if key(str(o)) not in given | {"ckpt_path"}]
+    if inherited:
+        print(f"resuming {saved.parent.parent} with the overrides it was started with: {' '.join(inherited)}",
+              file=sys.stderr)
+    return argv[:1] + inherited + argv[1:]

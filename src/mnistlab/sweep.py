@@ -123,7 +123,7 @@ class MlflowSweepCallback(Callback):
             raise SystemExit(1)
         if died:
             print(f"error: {len(died)} of {len(statuses)} trials were stopped or died before they ended: "
-                  + "; ".join(f"{s['dir']}: {s.get('error') or s['status']}" for s in died), file=sys.stderr)
+                  + "; ".join(f"{s['dir']}: {s['status']} ({s.get('error') or 'no verdict'})" for s in died), file=sys.stderr)
             raise SystemExit(1)
 
     def _report(self, config: DictConfig, sweep_dir: Path) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from mnistlab.config import ConfigError, effective_test_ckpt, validate, validate_inputs
+from mnistlab.config import ConfigError, effective_test_ckpt, validate, validate_inputs, with_run_overrides
 from mnistlab.instantiators import build_trainer
 from mnistlab.launching import configure_threads, parallel_jobs
 from mnistlab.outputs import CURVES_FILE, METRICS_FILE, output_dirs, write_curves_csv, write_summary
@@ -165,6 +165,7 @@ def main() -> None:
     from mnistlab.exits import install_sigterm_handler, interrupt_exit_code
 
     install_sigterm_handler()
+    sys.argv = with_run_overrides(sys.argv)
     try:
         hydra_main()
     except BaseException as e:
