@@ -16,13 +16,21 @@ conf/optimizer/rmsprop.yaml), torch intra-op threads = all cores (os.cpu_count()
                     the checkpoint save that follow each training epoch. End-of-run work (test, plots, model
                     logging) is outside the epoch times (plots/log_model are turned off anyway).
 
-Timing: every variant is warmed up before its timed epochs ((a)/(b): --warmup-batches untimed steps; (c): the
-first epoch of the fit is discarded, so a fit runs --epochs + 1 epochs and per-epoch times come from a small
-callback that stamps each epoch start and the end of training). fit_seconds / epochs, the number mnistlab itself
-reports (it includes Trainer set-up, the sanity-check validation and the first epoch), is shown too.
+Timing (issue 13: steady-state epochs of ONE run, the floor in the same run): the mnistlab fit runs --epochs + 1
+epochs and a small callback (EpochTimer) stamps every epoch start. Before each stamp it runs ONE floor epoch (b) in
+the same process, with the same torch threads, on the same 55k training samples, and takes that floor epoch's time
+out of the gap: mnistlab epochs and floor epochs alternate, so a load change on the shared machine hits both.
+The epoch time is the MEDIAN gap between consecutive epoch starts (the last epoch ends at train end), the first
+epoch (and the floor epoch before it) excluded: start-up, the sanity check and the warm-up are never counted. An
+epoch thus includes the validation loop (5k images) and the checkpoint saves that follow each training epoch.
+The floor is also timed alone before and after the fit (as before, --epochs passes) and reported for drift; (a) is
+warmed up with --warmup-batches untimed steps. fit_seconds / epochs, the number mnistlab itself reports (it includes
+Trainer set-up, the sanity-check validation and the first epoch), is shown too. The load average is printed with
+every result: the machine is shared, rerun when it is high.
 
 Targets (batch 128, per epoch over 55k samples):
-  c / b <= 1.25   mnistlab's epoch (MLflow on, validation included) within 25% of the floor
+  c / b <= 1.25   mnistlab's median steady-state epoch (MLflow on, default callbacks, validation included)
+                  over the median interleaved floor epoch
   a / c >= 6      mnistlab at least 6x faster than the notebook pipeline (a normalized to 55k samples)
 
 Peak RSS is the process high-water mark (ru_maxrss): it only grows, so it is read after each phase and the
@@ -31,7 +39,8 @@ growth per phase is reported; "rss now" is the current resident set (psutil) aft
 Results: a table on stdout and benchmarks/results/epoch_speed.json (--quick: epoch_speed_quick.json).
 
     .venv/bin/python benchmarks/epoch_speed.py                 # full: several minutes on 2 cores
-    .venv/bin/python benchmarks/epoch_speed.py --epochs 3
+    .venv/bin/python benchmarks/epoch_speed.py --epochs 6 --skip-torchvision      # the c/b ratio only
+    .venv/bin/python benchmarks/epoch_speed.py --variants c,c_nolog,c_step1       # + logger=none, per-step logging
     .venv/bin/python benchmarks/epoch_speed.py --quick         # seconds; checks the script, not a benchmark
 """
 
@@ -289,14 +298,43 @@ def time_torchvision(root: Path, batch_size: int, epochs: int, warmup_batches: i
 try:
     import lightning.pytorch as _pl
 
+    class Floor:
+        """The floor (b) as a reusable epoch: its own model and optimizer, built once; every call is one timed pass
+        over the batches. The global RNG is left alone (the fit around it must not see a different stream)."""
+
+        def __init__(self, batches: list, optimizer: str = "rmsprop"):
+            import torch
+            from torch import nn
+
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                self.model = build_mlp()
+            self.loss_fn, self.batches = nn.CrossEntropyLoss(), batches
+            self.opt = make_optimizer(optimizer, self.model.parameters())
+
+        def __call__(self) -> float:
+            import torch
+
+            t0 = time.perf_counter()
+            with torch.enable_grad():
+                for x, y in self.batches:
+                    self.opt.zero_grad(set_to_none=True)
+                    self.loss_fn(self.model(x), y).backward()
+                    self.opt.step()
+            return time.perf_counter() - t0
+
     class EpochTimer(_pl.Callback):
         """Stamps each training epoch's start and the end of training; train() builds it from the config
-        (+callbacks.epoch_timer._target_=...), so each instance registers itself where the benchmark finds it."""
+        (+callbacks.epoch_timer._target_=...), so each instance registers itself where the benchmark finds it.
+        With EpochTimer.floor set, one floor epoch runs right before each stamp (interleaved, not counted)."""
 
         instances: list["EpochTimer"] = []
+        floor: "Floor | None" = None
 
         def __init__(self):
-            self.starts: list[float] = []
+            self.starts: list[float] = []  # after the interleaved floor epoch
+            self.pauses: list[float] = []  # before it: the previous epoch ends here
+            self.floor_seconds: list[float] = []
             self.samples: list[int] = []
             self.val: list[float] = []
             self.end: float | None = None
@@ -305,8 +343,11 @@ try:
             EpochTimer.instances.append(self)
 
         def on_train_epoch_start(self, trainer, pl_module):
-            self.starts.append(time.perf_counter())
+            self.pauses.append(time.perf_counter())
+            if EpochTimer.floor is not None:
+                self.floor_seconds.append(EpochTimer.floor())
             self.samples.append(int(getattr(pl_module, "samples_seen", 0)))
+            self.starts.append(time.perf_counter())
 
         def on_validation_start(self, trainer, pl_module):
             self._v0 = time.perf_counter()
@@ -320,12 +361,13 @@ try:
             self.end_samples = int(getattr(pl_module, "samples_seen", 0))
 
         def epochs(self) -> list[tuple[float, int]]:
-            """(seconds, training samples) of every finished epoch: start to next start, the last to train end."""
-            bounds = self.starts + [self.end]
+            """(seconds, training samples) of every finished epoch: its start to the next epoch's start (before
+            that one's floor epoch), the last to train end."""
+            ends = self.pauses[1:] + [self.end]
             counts = self.samples + [self.end_samples]
-            return [(bounds[i + 1] - bounds[i], counts[i + 1] - counts[i]) for i in range(len(self.starts))]
+            return [(ends[i] - self.starts[i], counts[i + 1] - counts[i]) for i in range(len(self.starts))]
 except ImportError:  # pragma: no cover - lightning is a project dependency
-    EpochTimer = None
+    EpochTimer = Floor = None
 
 
 def compose(overrides: list[str]):
@@ -340,7 +382,7 @@ def compose(overrides: list[str]):
 
 
 def time_mnistlab(data_dir: Path, tmp: Path, name: str, extra: list[str], epochs: int, threads: int,
-                  quick: bool) -> dict:
+                  quick: bool, floor: "Floor | None" = None) -> dict:
     from mnistlab.train import train
 
     base = tmp / name
@@ -349,8 +391,7 @@ def time_mnistlab(data_dir: Path, tmp: Path, name: str, extra: list[str], epochs
         "data.batch_size=128",
         "optimizer=rmsprop",
         f"trainer.max_epochs={epochs + 1}",  # the first epoch is the warm-up and is discarded
-        "trainer.enable_progress_bar=false",
-        "callbacks.rich_progress_bar=null",
+        # the default callbacks, progress bar included (issue 13 times what a user runs)
         "logger.log_model=false",
         "logger.plots=false",
         f"paths.root={base}",
@@ -365,12 +406,18 @@ def time_mnistlab(data_dir: Path, tmp: Path, name: str, extra: list[str], epochs
         overrides += [f"trainer.limit_train_batches={QUICK_BATCHES}", "trainer.limit_val_batches=2",
                       "trainer.limit_test_batches=1"]
     EpochTimer.instances.clear()
-    metrics = train(compose(overrides))
+    EpochTimer.floor = floor
+    try:
+        metrics = train(compose(overrides))
+    finally:
+        EpochTimer.floor = None
     timer = EpochTimer.instances[-1]
     per_epoch = timer.epochs()
     timed = per_epoch[1:] or per_epoch
     return {
         "epoch_seconds": [s for s, _ in timed],
+        "floor_epoch_seconds": timer.floor_seconds[1:] or timer.floor_seconds,
+        "loadavg_1m_after": os.getloadavg()[0],
         "samples_per_epoch": timed[-1][1],
         "validation_seconds": timer.val[1:] or timer.val,
         "warmup_epoch_seconds": per_epoch[0][0],
@@ -386,10 +433,11 @@ def time_mnistlab(data_dir: Path, tmp: Path, name: str, extra: list[str], epochs
 
 def summarize(row: dict) -> dict:
     secs = row["epoch_seconds"]
-    mean = statistics.fmean(secs)
+    mean = statistics.median(secs)  # the median epoch: one slow epoch (a busy neighbour) does not move it
     n = row["samples_per_epoch"]
     row.update({
         "seconds_per_epoch": mean,
+        "seconds_per_epoch_mean": statistics.fmean(secs),
         "seconds_per_epoch_min": min(secs),
         "samples_per_second": n / mean,
         "seconds_per_epoch_55k": mean * N_REF / n,
@@ -400,7 +448,10 @@ def summarize(row: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help=f"{QUICK_BATCHES} batches per 'epoch', 1 epoch: checks the script runs")
-    ap.add_argument("--epochs", type=int, default=2, help="timed epochs per variant (default 2; after warm-up)")
+    ap.add_argument("--epochs", type=int, default=5,
+                    help="timed epochs per mnistlab run (default 5; the run has one more, the warm-up) and floor passes")
+    ap.add_argument("--variants", default="c", help="mnistlab variants, comma-separated, from c (MLflow, default "
+                    "callbacks), c_nolog (logger=none), c_step1 (MLflow every step); default c")
     ap.add_argument("--warmup-batches", type=int, default=50, help="untimed steps before (a) and (b) (default 50)")
     ap.add_argument("--data-dir", type=Path, default=DEFAULT_DATA, help=f"processed splits (default {DEFAULT_DATA})")
     ap.add_argument("--raw-dir", type=Path, default=None,
@@ -467,14 +518,24 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(tmp / "torchvision", ignore_errors=True)
 
         threads = cores
+        floor = Floor(batches[:max_batches] if max_batches else batches)
+        floor()  # its own warm-up (optimizer state, allocator), discarded
+        wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
         for key, label, extra in [
             ("c", "c mnistlab mlflow (every 50 steps)", []),
             ("c_nolog", "c mnistlab logger=none", ["logger=none"]),
             ("c_step1", "c mnistlab mlflow every step", ["trainer.log_every_n_steps=1"]),
         ]:
-            print(f"({key}) {label} ...", flush=True)
-            r = time_mnistlab(data_dir, tmp, key, extra, epochs, threads, args.quick)
+            if key not in wanted:
+                continue
+            print(f"({key}) {label}, a floor epoch before each epoch ...", flush=True)
+            r = time_mnistlab(data_dir, tmp, key, extra, epochs, threads, args.quick, floor)
             record({"variant": label, "key": key, "batch_size": 128, **r})
+            fl = r["floor_epoch_seconds"]
+            record({"variant": f"b floor interleaved with {key}", "key": f"b_{key}", "batch_size": 128,
+                    "epoch_seconds": fl, "samples_per_epoch": sum(int(y.shape[0]) for _, y in floor.batches)})
+            print(f"    epochs (s): mnistlab {' '.join(f'{x:.3f}' for x in r['epoch_seconds'])} | floor "
+                  f"{' '.join(f'{x:.3f}' for x in fl)} | load average {os.getloadavg()[0]:.2f}", flush=True)
 
         print("(b) floor re-check after (c) ...", flush=True)
         torch.set_num_threads(cores)
@@ -486,22 +547,33 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
     by = {r["key"]: r for r in rows}
-    b = by["b"]["seconds_per_epoch_55k"]
-    c = by["c"]["seconds_per_epoch_55k"]
+    b = by["b_c"]["seconds_per_epoch_55k"] if "b_c" in by else by["b"]["seconds_per_epoch_55k"]
+    c = by["c"]["seconds_per_epoch_55k"] if "c" in by else float("nan")
     ratios = {
         "c_over_b": {"value": c / b, "target": f"<= {TARGET_C_OVER_B}", "pass": c / b <= TARGET_C_OVER_B,
-                     "uses": "c = mnistlab, MLflow on, batch 128, epoch incl. validation; b = floor batch 128"},
+                     "uses": "median steady-state mnistlab epoch (MLflow on, default callbacks, incl. validation and "
+                             "checkpoint) / median floor epoch interleaved in the same run, batch 128"},
+        "c_over_b_min": {"value": min(by["c"]["epoch_seconds"]) / min(by["b_c"]["epoch_seconds"]) if "b_c" in by else float("nan"),
+                         "uses": "fastest mnistlab epoch / fastest interleaved floor epoch: the least disturbed of each, "
+                                 "a better estimate than the medians on a busy machine (information only)"},
+        "c_over_b_alone": {"value": c / by["b"]["seconds_per_epoch_55k"],
+                           "uses": "as c_over_b, b = the floor timed alone before the fit (information only)"},
         "c_train_only_over_b": {
-            "value": (c - statistics.fmean(by["c"]["validation_seconds"] or [0.0]) * N_REF / by["c"]["samples_per_epoch"]) / b,
+            "value": (c - statistics.median(by["c"]["validation_seconds"] or [0.0]) * N_REF / by["c"]["samples_per_epoch"]) / b
+            if "c" in by else float("nan"),
             "uses": "as c_over_b, with c's validation loop time taken out (information only)"},
-        "c_nolog_over_b": {"value": by["c_nolog"]["seconds_per_epoch_55k"] / b, "uses": "logger=none vs floor"},
-        "c_step1_over_c": {"value": by["c_step1"]["seconds_per_epoch_55k"] / c,
-                           "uses": "MLflow every step vs every 50 steps"},
-        "mlflow_seconds_per_epoch": {"value": c - by["c_nolog"]["seconds_per_epoch_55k"],
-                                     "uses": "c (MLflow on) minus c logger=none, s/epoch@55k"},
-        "floor_drift": {"value": by["b_recheck"]["seconds_per_epoch_55k"] / b,
-                        "uses": "floor re-measured after (c) / floor before: machine noise indicator"},
+        "floor_drift": {"value": by["b_recheck"]["seconds_per_epoch_55k"] / by["b"]["seconds_per_epoch_55k"],
+                        "uses": "floor alone after (c) / floor alone before: machine noise indicator"},
+        "loadavg_1m_end": {"value": os.getloadavg()[0], "uses": "1-minute load average at the end (2 cores)"},
     }
+    if "c_nolog" in by:
+        ratios["c_nolog_over_b"] = {"value": by["c_nolog"]["seconds_per_epoch_55k"] / by["b_c_nolog"]["seconds_per_epoch_55k"],
+                                    "uses": "logger=none vs its interleaved floor"}
+        ratios["mlflow_seconds_per_epoch"] = {"value": c - by["c_nolog"]["seconds_per_epoch_55k"],
+                                              "uses": "c (MLflow on) minus c logger=none, s/epoch@55k"}
+    if "c_step1" in by:
+        ratios["c_step1_over_c"] = {"value": by["c_step1"]["seconds_per_epoch_55k"] / c,
+                                    "uses": "MLflow every step vs every 50 steps"}
     if "a128" in by:
         a = by["a128"]["seconds_per_epoch_55k"]
         ratios["a_over_c"] = {"value": a / c, "target": f">= {TARGET_A_OVER_C}", "pass": a / c >= TARGET_A_OVER_C,
@@ -520,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['peak_rss_growth_mb']:>+8.0f}M{now:>8}M")
     print(f"(RSS in MiB; process peak before any phase: {rss_start:.0f}M. s/epoch = measured epoch over 'samples'; "
           f"s/ep@55k = per-sample time x {N_REF}.)")
-    for key in ("c", "c_nolog", "c_step1"):
+    for key in [k for k in ("c", "c_nolog", "c_step1") if k in by]:
         r = by[key]
         val = statistics.fmean(r["validation_seconds"]) if r["validation_seconds"] else float("nan")
         print(f"  {r['variant']}: per epoch {r['seconds_per_epoch']:.3f}s of which validation loop {val:.3f}s; "

@@ -62,8 +62,8 @@ class EpochHistory(pl.Callback):
     """One row per finished epoch of train/val loss and accuracy (for curves.csv and curves.png).
 
     Lightning runs this hook before the LightningModule's on_train_epoch_end (where the train metrics are
-    logged and reset), so the train values are read from the module's metric objects, the val values from
-    what validation logged; it runs before ModelCheckpoint saves, so a resumed run keeps its rows.
+    logged and reset), so the train values are read from the module's epoch sums (train_epoch_metrics), the val
+    values from what validation logged; it runs before ModelCheckpoint saves, so a resumed run keeps its rows.
     """
 
     def __init__(self):
@@ -71,8 +71,8 @@ class EpochHistory(pl.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         m = trainer.callback_metrics
-        row = {"epoch": trainer.current_epoch + 1,
-               "train/loss": float(pl_module.train_loss.compute()), "train/acc": float(pl_module.train_acc.compute())}
+        loss, acc = pl_module.train_epoch_metrics()
+        row = {"epoch": trainer.current_epoch + 1, "train/loss": float(loss), "train/acc": float(acc)}
         row.update({k: float(m[k]) for k in CURVE_KEYS if k.startswith("val/") and k in m})
         self.rows.append(row)
 
@@ -81,3 +81,21 @@ class EpochHistory(pl.Callback):
 
     def load_state_dict(self, state_dict):
         self.rows = list(state_dict.get("rows", []))
+
+
+class RichProgressBar(pl.callbacks.RichProgressBar):
+    """Lightning's RichProgressBar, updated every `update_every_n_batches` training batches (and at an epoch's last).
+
+    Lightning's updates the bar and re-reads the progress-bar metrics after EVERY training batch, which costs about
+    as much as a tenth of this MLP's step on a CPU; `refresh_rate` (renders per second) does not change that. At
+    ~100-1000 steps/s an update every 10 batches still moves the bar many times a second.
+    """
+
+    def __init__(self, update_every_n_batches: int = 10, **kwargs):
+        super().__init__(**kwargs)
+        self.update_every_n_batches = max(1, int(update_every_n_batches))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        n = batch_idx + 1
+        if n % self.update_every_n_batches == 0 or n >= self.total_train_batches:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)

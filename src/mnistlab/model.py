@@ -1,4 +1,8 @@
-"""The book's MLP as a LightningModule: cross-entropy on logits, torchmetrics accuracy per split, the test confusion matrix."""
+"""The book's MLP as a LightningModule: cross-entropy on logits, accuracy and mean loss per split, the test confusion matrix.
+
+Training accumulates its epoch metrics as on-device sums (no torchmetrics call per step: a Metric.update costs
+more than this MLP's step on a CPU, and per-step framework work dominates on a GPU); validation and test, a few
+large batches per epoch, keep torchmetrics."""
 
 from __future__ import annotations
 
@@ -47,16 +51,23 @@ class MnistMLP(pl.LightningModule):
         )
         n = model["num_classes"]
         self.loss_fn = nn.CrossEntropyLoss()
-        self.train_acc = MulticlassAccuracy(num_classes=n, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=n, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=n, average="micro")
         self.test_confusion = MulticlassConfusionMatrix(num_classes=n)
-        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # in the checkpoint, so a resumed run keeps its best
         self.test_predictions: torch.Tensor | None = None
         self.test_confusion_matrix: torch.Tensor | None = None
         self.samples_seen = 0
+        # The training epoch's sums on the device, as the torchmetrics states they replace: a float32 running sum of
+        # the batch losses (MeanMetric's mean_value) and the int64 count of correct predictions (MulticlassAccuracy's
+        # tp); batches and samples are Python ints in a list (no nn.Module.__setattr__ per step). Buffers (not persistent, like metric states: never in a
+        # checkpoint) so that .to(device) moves them.
+        self.register_buffer("_train_loss_sum", torch.zeros((), dtype=torch.float32), persistent=False)
+        self.register_buffer("_train_correct", torch.zeros((), dtype=torch.int64), persistent=False)
+        self._train_counts = [0, 0]  # batches, samples
+        self._train_epoch: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x.flatten(1))
@@ -66,22 +77,58 @@ class MnistMLP(pl.LightningModule):
         logits = self(x)
         loss = self.loss_fn(logits, y)
         self.samples_seen += y.shape[0]
-        self.train_loss.update(loss.detach())
-        self.train_acc.update(logits.detach(), y)
+        self._accumulate_train(logits.detach(), y, loss.detach())
         # self.log costs more per call than this MLP's step; call it only on the steps the logger writes.
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
             self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
         return loss
+
+    def _accumulate_train(self, logits: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> None:
+        """Two in-place adds on the device per step, no host sync: the loss and the correct predictions (argmax, as
+        MulticlassAccuracy's micro average counts them)."""
+        self._train_loss_sum.add_(loss.to(torch.float32))
+        self._train_correct.add_((logits.argmax(dim=1) == y).sum())
+        counts = self._train_counts
+        counts[0] += 1
+        counts[1] += y.shape[0]
+
+    def train_epoch_metrics(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(train/loss, train/acc) of the epoch so far, summed over DDP ranks (a collective: call it on every rank).
+
+        The same values as the torchmetrics objects this replaces, bit for bit: train/loss is the UNWEIGHTED mean of
+        the batch losses (MeanMetric.update(loss) has weight 1: the last, smaller batch counts as one batch), a
+        float32 sum divided by the float32 batch count; train/acc = correct / samples in float32 (micro accuracy).
+        Computed once per epoch and kept until the next one starts (EpochHistory and on_train_epoch_end share it).
+        """
+        if self._train_epoch is None:
+            dev = self._train_loss_sum.device
+            batches, samples = self._train_counts
+            floats = torch.stack([self._train_loss_sum, torch.tensor(float(batches), device=dev)])
+            ints = torch.stack([self._train_correct, torch.tensor(samples, device=dev)])
+            if self._trainer is not None:  # DDP: an all-reduce; one device: returned as is
+                floats = self.trainer.strategy.reduce(floats, reduce_op="sum")
+                ints = self.trainer.strategy.reduce(ints, reduce_op="sum")
+            self._train_epoch = (floats[0] / floats[1], ints[0].float() / ints[1].float())
+        return self._train_epoch
+
+    def _reset_train_sums(self) -> None:
+        self._train_loss_sum.zero_()
+        self._train_correct.zero_()
+        self._train_counts = [0, 0]
+        self._train_epoch = None
+
+    def on_train_epoch_start(self) -> None:
+        self._reset_train_sums()
 
     def on_train_end(self) -> None:
         # Under DDP each rank counted its shard; one all-reduce while all ranks are still here gives the total.
         self.samples_seen = int(self.all_gather(torch.tensor(self.samples_seen)).sum())
 
     def on_train_epoch_end(self) -> None:
-        self.log("train/loss", self.train_loss.compute(), sync_dist=True)  # computed over all ranks already
-        self.log("train/acc", self.train_acc.compute(), sync_dist=True)
-        self.train_loss.reset()
-        self.train_acc.reset()
+        loss, acc = self.train_epoch_metrics()
+        self.log("train/loss", loss, sync_dist=True)  # summed over all ranks already
+        self.log("train/acc", acc, sync_dist=True)
+        self._reset_train_sums()
 
     def _eval_step(self, batch, loss_metric, acc_metric):
         x, y = batch

@@ -38,11 +38,21 @@ class DeviceBatches:
         n = len(range(self.rank, self.y.shape[0], self.world_size))
         return (n + self.batch_size - 1) // self.batch_size
 
+    # rows gathered per index_select: whole batches, ~8k rows (~25 MB of float images)
+    CHUNK_ROWS = 8192
+
     def __iter__(self):
+        # The batches are gathered a chunk of batches at a time (one index_select per ~64 batches of 128), then
+        # sliced as views: the same rows in the same order as x[idx[batch]] per batch, but one op instead of 64.
+        # A gather per batch (x[sel], and worse under deterministic algorithms) cost ~0.3-1 ms per step on 2 CPU
+        # cores, more than the framework's own per-step work; a whole-epoch copy would cost a second copy of the split.
         idx = self._indices()
-        for start in range(0, idx.shape[0], self.batch_size):
-            sel = idx[start : start + self.batch_size]
-            yield self.x[sel], self.y[sel]
+        chunk = self.batch_size * max(1, self.CHUNK_ROWS // self.batch_size)
+        for c0 in range(0, idx.shape[0], chunk):
+            sel = idx[c0 : c0 + chunk]
+            xc, yc = self.x.index_select(0, sel), self.y.index_select(0, sel)
+            for start in range(0, sel.shape[0], self.batch_size):
+                yield xc[start : start + self.batch_size], yc[start : start + self.batch_size]
 
 
 class MnistDataModule(pl.LightningDataModule):
