@@ -120,6 +120,16 @@ class Slurm:
         env = {**os.environ, **self.env}
         return subprocess.run(list(args), env=env, capture_output=True, text=True, check=check, timeout=60).stdout
 
+    def diagnose(self) -> str:
+        """What a failed cluster test prints: every job with its state and reason, the node's state and reason,
+        the last lines of slurmctld's and slurmd's logs."""
+        d = self.conf.parent
+        out = [self.run("squeue", "-a", "-r", "-t", "all", "-o", "%i %T %r %M %N", check=False),
+               self.run("sinfo", "-N", "-o", "%N %T %C %e %E", check=False)]
+        out += [f"--- {name}:\n" + "\n".join((d / name).read_text(errors="replace").splitlines()[-25:])
+                for name in ("slurmctld.log", "slurmd.log") if (d / name).exists()]
+        return "\n".join(out)
+
     def jobs(self) -> dict[str, str]:
         """{array task id "123_0": state} of every job slurmctld still knows (finished ones for MinJobAge)."""
         out = self.run("squeue", "-h", "-r", "-t", "all", "-o", "%i %T")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -50,18 +51,59 @@ def _csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def _wait_epochs(server: str, experiment: str, n: int, timeout: float = 300, **tag):
-    """The trial run (with tag key=value) once it has logged `n` epochs of val/acc."""
+class _Sweep:
+    """A sweep in the background, its output in files: a PIPE nobody reads while the test polls MLflow would block
+    the sweep once it fills (64 KiB) and look like a hung cluster."""
+
+    def __init__(self, args: list[str], env: dict[str, str], tmp: Path):
+        self.out, self.err = tmp / "sweep.out", tmp / "sweep.err"
+        with open(self.out, "w") as out, open(self.err, "w") as err:
+            self.proc = subprocess.Popen(args, cwd=PROJECT_ROOT, env=env, stdout=out, stderr=err)
+
+    def stderr(self) -> str:
+        return self.err.read_text(errors="replace")
+
+    def wait(self, timeout: float = 600) -> tuple[int, str]:
+        try:
+            self.proc.wait(timeout=timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode, self.stderr()
+
+    def abort(self, slurm) -> None:
+        """After a failed wait: the sweep killed and its jobs cancelled, so a 400-epoch trial does not slow the
+        tests that follow."""
+        self.proc.kill()
+        self.proc.wait()
+        slurm.run("scancel", "--user", str(os.getuid()), check=False)
+
+
+def _wait_epochs(server: str, experiment: str, n: int, sweep: _Sweep, slurm, tmp: Path, **tag):
+    """The trial run (with tag key=value) once it has logged `n` epochs of val/acc. Fails at once, with the sweep's
+    stderr, if the sweep ends first; on a timeout, with the runs, SLURM's view and the jobs' logs (a CI run once
+    timed out here with nothing to go on)."""
     client = MlflowClient(server)
+    timeout = 300
     deadline = time.time() + timeout
+    seen: list[str] = []
     while time.time() < deadline:
         exp = client.get_experiment_by_name(experiment)
+        seen = []
         for r in client.search_runs([exp.experiment_id], max_results=100) if exp else []:
-            if all(r.data.tags.get(k) == v for k, v in tag.items()) and r.info.status == "RUNNING":
-                if len(client.get_metric_history(r.info.run_id, "val/acc")) >= n:
-                    return r
+            count = len(client.get_metric_history(r.info.run_id, "val/acc"))
+            seen.append(f"{r.info.run_name} trial={r.data.tags.get('mnistlab.trial')} {r.info.status} val/acc x{count}")
+            if all(r.data.tags.get(k) == v for k, v in tag.items()) and r.info.status == "RUNNING" and count >= n:
+                return r
+        if sweep.proc.poll() is not None:
+            raise AssertionError(f"the sweep exited {sweep.proc.returncode} before trial {tag} reached {n} epochs; "
+                                 f"runs: {seen}\n{sweep.stderr()[-4000:]}")
         time.sleep(1)
-    raise TimeoutError(f"no RUNNING trial {tag} reached {n} epochs in {timeout}s")
+    sweep.proc.kill()
+    logs = "".join(f"--- {p}:\n{p.read_text(errors='replace')[-1500:]}\n" for p in sorted(tmp.rglob("*_log.*")))
+    raise TimeoutError(f"no RUNNING trial {tag} reached {n} epochs in {timeout}s; runs: {seen}\n{slurm.diagnose()}\n"
+                       f"{logs}sweep stderr:\n{sweep.stderr()[-3000:]}")
 
 
 def _job_of(slurm, before: set[str], trial: int) -> str:
@@ -123,19 +165,18 @@ def test_slurm_sweep_on_the_postgres_server(tmp_path, processed_dir, slurm, mlfl
 def test_scancel_of_a_trial_ends_killed_and_the_sweep_reports_it(tmp_path, processed_dir, slurm, mlflow_server):
     exp_name = "cluster-scancel"
     before = set(slurm.jobs())
-    sweep = subprocess.Popen(
-        _sweep_args(tmp_path, processed_dir, ["trainer.max_epochs=2,400", "logger.log_model=false"], exp_name),
-        cwd=PROJECT_ROOT, env=_env(slurm, mlflow_server), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sweep = _Sweep(_sweep_args(tmp_path, processed_dir, ["trainer.max_epochs=2,400", "logger.log_model=false"], exp_name),
+                   _env(slurm, mlflow_server), tmp_path)
     try:
-        victim = _wait_epochs(mlflow_server, exp_name, 2, **{"mnistlab.trial": "1"})
+        victim = _wait_epochs(mlflow_server, exp_name, 2, sweep, slurm, tmp_path, **{"mnistlab.trial": "1"})
         job = _job_of(slurm, before, 1)
         slurm.run("scancel", job)
-        out, err = sweep.communicate(timeout=600)
-    finally:
-        if sweep.poll() is None:
-            sweep.kill()
+    except BaseException:
+        sweep.abort(slurm)
+        raise
+    code, err = sweep.wait()
     # the sweep is incomplete: it reports the cancelled trial and exits 1 (a scheduler must not read success)
-    assert sweep.returncode == 1, err[-4000:]
+    assert code == 1, err[-4000:]
     assert "1 of 2 trials were stopped or died before they ended" in err and "KILLED" in err and "scancel" in err
     client, _, (parent,), children = _runs(mlflow_server, exp_name)
     status = {c.data.tags["mnistlab.trial"]: c.info.status for c in children}
@@ -154,19 +195,17 @@ def test_requeued_trial_resumes_its_run_from_the_last_checkpoint(tmp_path, proce
     exp_name = "cluster-requeue"
     before = set(slurm.jobs())
     epochs = 30  # batches of 4: ~0.5 s per epoch here, so the requeue lands mid-training
-    sweep = subprocess.Popen(
-        _sweep_args(tmp_path, processed_dir, [f"trainer.max_epochs={epochs}", "logger.log_model=false"], exp_name)
-        + ["data.batch_size=4"],
-        cwd=PROJECT_ROOT, env=_env(slurm, mlflow_server), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sweep = _Sweep(_sweep_args(tmp_path, processed_dir, [f"trainer.max_epochs={epochs}", "logger.log_model=false"],
+                               exp_name) + ["data.batch_size=4"], _env(slurm, mlflow_server), tmp_path)
     try:
-        first = _wait_epochs(mlflow_server, exp_name, 3, **{"mnistlab.trial": "0"})
+        first = _wait_epochs(mlflow_server, exp_name, 3, sweep, slurm, tmp_path, **{"mnistlab.trial": "0"})
         job = _job_of(slurm, before, 0)
         slurm.run("scontrol", "requeue", job)
-        out, err = sweep.communicate(timeout=600)
-    finally:
-        if sweep.poll() is None:
-            sweep.kill()
-    assert sweep.returncode == 0, err[-4000:]
+    except BaseException:
+        sweep.abort(slurm)
+        raise
+    code, err = sweep.wait()
+    assert code == 0, err[-4000:]
     client, _, (parent,), children = _runs(mlflow_server, exp_name)
     (run,) = children
     assert run.info.run_id == first.info.run_id and run.info.status == "FINISHED"
