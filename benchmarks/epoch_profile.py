@@ -113,6 +113,8 @@ def main(argv=None) -> int:
     print(f"| **epoch under cProfile** | {total / epochs:.3f} | {total / steps * 1e6:.0f} | 100% |")
     if os.environ.get("PROFILE_TOP"):
         stats.sort_stats("tottime").print_stats(int(os.environ["PROFILE_TOP"]))
+    if os.environ.get("PROFILE_CALLERS"):
+        stats.print_callers(os.environ["PROFILE_CALLERS"])
     return 0
 
 

@@ -100,6 +100,51 @@ def test_five_epoch_metrics_equal_pre_change_and_torchmetrics(tmp_path, processe
     assert [float(r.split(",")[2]) for r in rows] == pytest.approx([a for _, a in side], abs=5e-7)
 
 
+class Probe(pl.Callback):
+    """Which loop trained: Lightning's automatic one, or the manual step, direct or through Lightning's wrappers."""
+
+    last: "Probe | None" = None
+
+    def __init__(self):
+        self.loop: tuple[bool, bool] | None = None
+        self.optimizer_steps = 0
+        Probe.last = self
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.loop = (pl_module.automatic_optimization, pl_module._lightning_step)
+
+
+class StepProbe(Probe):
+    """A callback with a per-step optimizer hook: the manual step must go through Lightning and call it."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.optimizer_steps += 1
+
+
+@pytest.mark.parametrize("probe, extra, loop", [
+    ("Probe", [], (False, False)),  # the default: manual, backward and step called directly
+    ("StepProbe", [], (False, True)),  # a step hook: manual_backward + LightningOptimizer.step
+    ("Probe", ["trainer.gradient_clip_val=1e9"], (True, True)),  # clipping: Lightning's automatic loop
+])
+def test_every_training_loop_gives_the_same_metrics(tmp_path, processed_dir, probe, extra, loop):
+    """The manual step (either way) and Lightning's automatic loop train the same model: the same golden curves,
+    train/loss_step at the same steps, and a callback's per-step hook still runs once per step when it exists.
+    (Clipping at norm 1e9 never binds and multiplies the gradients by exactly 1.)"""
+    from mnistlab.train import train
+
+    overrides = fast_overrides(tmp_path, processed_dir, epochs=5) + [
+        f"+callbacks.probe._target_={__name__}.{probe}", "logger.plots=false", "logger.log_model=false", *extra]
+    summary = train(compose(overrides))
+    assert Probe.last.loop == loop
+    client, (run,) = store_runs(tmp_path / "mlruns")
+    for key, golden in GOLDEN_HISTORY.items():
+        got = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, key)]
+        assert [s for s, _ in got] == [s for s, _ in golden], key
+        assert [v for _, v in got] == pytest.approx([v for _, v in golden], rel=1e-6), key
+    assert {k: summary[k] for k in GOLDEN_SUMMARY} == pytest.approx(GOLDEN_SUMMARY, rel=1e-6)
+    assert Probe.last.optimizer_steps == (80 if probe == "StepProbe" else 0)
+
+
 def test_train_epoch_metrics_weighting():
     """train/loss is the UNWEIGHTED mean of the batch losses (as MeanMetric.update(loss) was), train/acc the micro
     accuracy; a smaller last batch must count as one batch for the loss and by its samples for the accuracy."""

@@ -44,7 +44,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from mnistlab.cluster import remember_run
     from mnistlab.data.datamodule import MnistDataModule
     from mnistlab.logging_setup import quiet_lightning
-    from mnistlab.model import MnistMLP
+    from mnistlab.model import MnistMLP, use_automatic_optimization
     from mnistlab.tracking.run import keep_tracking_uri_env, restore_sigint
 
     quiet_lightning()
@@ -64,6 +64,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         model=OmegaConf.to_container(cfg.model, resolve=True),
         optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
     )
+    model.automatic_optimization = use_automatic_optimization(cfg.trainer)
 
     # Under DDP, Lightning re-launches this script once per extra GPU (RANK/LOCAL_RANK set): one run, on rank 0.
     rank_zero = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
