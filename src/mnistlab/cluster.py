@@ -159,17 +159,3 @@ def close_trial_run(config, job_num: int, job_id: str, state: str) -> str:
     client.set_tag(run_id, NOTE_TAG, f"**{status}**: {message}")
     client.set_terminated(run_id, status)
     return status
-
-
-def record_unended_trial(trial_dir: Path, reason: str) -> None:
-    """The status file of a trial whose job ended before the trial could write its own verdict (SIGKILL after
-    scancel's grace period, a lost node) says DIED, so the sweep's exit code counts it. conf/hydra/default.yaml
-    names trial dirs by job number."""
-    import json
-
-    from mnistlab.sweep import TRIAL_STATUS_FILE, write_trial_status
-
-    path = trial_dir / TRIAL_STATUS_FILE
-    previous = json.loads(path.read_text()) if path.is_file() else {}
-    if previous.get("status", "RUNNING") == "RUNNING":
-        write_trial_status(trial_dir, "DIED", reason, previous.get("pid"))

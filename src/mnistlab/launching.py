@@ -89,14 +89,11 @@ def death_reason(exitcode: int | None) -> str:
 
 
 def record_dead_trial(config, trial_dir: Path, pid: int | None, reason: str) -> None:
-    """The dead trial's status file says DIED (the sweep's exit code reads it) and its MLflow run is FAILED."""
-    from mnistlab.sweep import TRIAL_STATUS_FILE, write_trial_status
+    """The dead trial's status file says DIED (sweep.mark_died; the sweep's exit code reads it) and its MLflow run
+    is FAILED."""
+    from mnistlab.sweep import mark_died
 
-    if pid is None and (trial_dir / TRIAL_STATUS_FILE).is_file():  # the trial wrote its pid when it started
-        import json
-
-        pid = json.loads((trial_dir / TRIAL_STATUS_FILE).read_text()).get("pid")
-    write_trial_status(trial_dir, "DIED", reason, pid)
+    pid = mark_died(trial_dir, reason, pid)
     log.error("%s: %s", trial_dir, reason)
     if pid is None or not config.logger.enabled:
         return

@@ -174,6 +174,24 @@ def write_trial_status(trial_dir: Path, status: str, error: str = "", pid: int |
     tmp.replace(trial_dir / TRIAL_STATUS_FILE)
 
 
+def mark_died(trial_dir: Path, reason: str, pid: int | None = None) -> int | None:
+    """The one writer of DIED, for every launcher: a trial whose process or job ended without writing its own
+    verdict (the OOM killer, SIGKILL after scancel's grace period, a lost node) is DIED, so the sweep's exit code
+    counts it; a verdict the trial wrote (FINISHED, FAILED, KILLED) stays. Returns the trial's pid (written at its
+    start) when the caller has none."""
+    import json
+
+    path = trial_dir / TRIAL_STATUS_FILE
+    try:
+        previous = json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        previous = {}
+    pid = pid if pid is not None else previous.get("pid")
+    if previous.get("status", "RUNNING") == "RUNNING":
+        write_trial_status(trial_dir, "DIED", reason, pid)
+    return pid
+
+
 def read_trial_statuses(sweep_dir: Path) -> list[dict]:
     import json
 

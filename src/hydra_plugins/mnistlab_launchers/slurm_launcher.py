@@ -26,7 +26,8 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         import submitit
 
-        from mnistlab.cluster import close_trial_run, record_unended_trial, wait_for_jobs
+        from mnistlab.cluster import close_trial_run, wait_for_jobs
+        from mnistlab.sweep import mark_died
 
         # Up to map_array: upstream's BaseSubmititLauncher.launch (hydra-submitit-launcher 1.2), unchanged.
         assert self.config is not None and len(job_overrides) > 0
@@ -61,7 +62,7 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
             else:
                 state = states.get(job.job_id, "ENDED (no longer known to slurmctld)")
             status = close_trial_run(self.config, params[2], job.job_id, state.split()[0])
-            record_unended_trial(sweep_dir / str(params[2]), f"SLURM job {job.job_id} ended {state} without a result")
+            mark_died(sweep_dir / str(params[2]), f"SLURM job {job.job_id} ended {state} without a result")
             log.warning("trial %s (job %s) ended %s without a result; its MLflow run is %s", params[2], job.job_id,
                         state, status)
             results.append(JobReturn(overrides=params[0], status=JobStatus.COMPLETED, _return_value=None,
