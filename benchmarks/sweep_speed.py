@@ -1,30 +1,22 @@
-"""Wall time of a 12-trial optimizer study run as real Hydra multiruns, against the training floor.
+"""Wall time of the optimizer study (`sweep=optimizers`, 36 trials with study.seeds=1) with launcher=joblib and with
+launcher=stacked, in one run of this script on real MNIST, against the trials' bare compute floor.
 
-The grid: optimizer sgd, momentum, rmsprop x optimizer.lr 0.0003, 0.001, 0.003, 0.01 (batch 128, 1 epoch each,
-real MNIST). The learning rates stay at or below 0.01 because a diverging trial (RMSprop at 0.03+) stops early
-with a NonFiniteLossError and would make the timing meaningless; speed does not depend on the rate otherwise.
+  joblib   launcher=joblib hydra.launcher.n_jobs=2: one process per trial, 2 at a time, 1 torch thread each
+  stacked  launcher=stacked: compatible trials (same batch size: 3 stacks of 12) trained as one stacked model each,
+           torch threads = cores; each trial still its own job dir, MLflow child run, checkpoint and report row
+Both run `python -m mnistlab.train sweep=optimizers ...` as a subprocess into their own temp store and sweep dir,
+with the study's defaults (MLflow, plots, checkpoints and models on).
 
-It runs `python -m mnistlab.train -m ...` as a subprocess twice, each into its own temp store and sweep dir:
-  basic    launcher=basic: trials one after another in one process (torch threads = all cores)
-  joblib   launcher=joblib hydra.launcher.n_jobs=2: one forked process per trial, 2 at a time (mnistlab's
-           launcher, src/mnistlab/launching.py); each trial gets cores / n_jobs torch threads (OMP_NUM_THREADS is set to the same for the subprocess)
-with MLflow tracking on (the default) and logger.log_model=false; plots, checkpoints and the sweep report stay on,
-as in a real study. Each trial's fit_seconds comes from its <sweep dir>/<n>/timing.json and is cross-checked with
-the MLflow store (child runs, tag mlflow.parentRunId, metric fit_seconds), which also gives run durations.
+  floor       each trial's bare forward+backward+step epoch (epoch_speed.py's time_floor: pre-made float batches, denormals
+              flushed) at its optimizer and batch size with 1 thread, x epochs, summed over the trials and divided by the
+              cores: the wall time of the study's arithmetic at the same total thread count (cores x 1 thread)
+  ratio       wall(joblib) / wall(stacked)
+  step time   one stacked forward+backward+update (StackedMLP + StackedOptimizer, rmsprop, batch 128, threads = cores)
+              at 1, 4 and 12 members, and what one member adds to the resident memory (12 members vs 1)
 
-Definitions (printed with the results):
-  overhead per trial, basic  = (wall - sum of fit_seconds) / trials
-  overhead per trial, joblib = (wall x n_jobs - sum of fit_seconds) / trials  (worker-seconds not spent fitting)
-  speedup                    = wall(basic) / wall(joblib)
-  floor                      = in-process forward+backward+step on pre-made float batches (epoch_speed.py's (b)),
-                               per optimizer at batch 128, measured with 1 thread and with all cores
-  target (the goal: "study within 1.3 x the sum of floor epoch times + 2 s per trial"), per launcher with P
-  trials in parallel and T = cores // P torch threads each:
-      target_wall = (1.3 x sum over trials of floor_epoch(optimizer, T threads) + 2 s x trials) / P
-  i.e. the same budget in worker-seconds (1.3 x floor + 2 s per trial) spread over P workers.
-
-    .venv/bin/python benchmarks/sweep_speed.py          # full: two 12-trial sweeps, a few minutes on 2 cores
-    .venv/bin/python benchmarks/sweep_speed.py --quick  # 2 trials x 5 batches: checks the script, not a benchmark
+    .venv/bin/python benchmarks/sweep_speed.py                # full: the 36-trial study twice, ~10 minutes on 2 cores
+    .venv/bin/python benchmarks/sweep_speed.py --seeds 3      # the seed-replicated study (108 trials)
+    .venv/bin/python benchmarks/sweep_speed.py --quick        # 3 trials x 5 batches: checks the script, not a benchmark
 
 Results: a table on stdout and benchmarks/results/sweep_speed.json (--quick: sweep_speed_quick.json).
 """
@@ -44,39 +36,37 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from epoch_speed import (  # noqa: E402
-    DEFAULT_DATA, ROOT, check_processed, environment, floor_batches, load_train_arrays, time_floor,
-    verdict, write_json,
+    DEFAULT_DATA, ROOT, check_processed, environment, floor_batches, load_train_arrays, rss_now_mb, time_floor,
+    write_json,
 )
 
-OPTIMIZERS = ("sgd", "momentum", "rmsprop")
-LRS = ("0.0003", "0.001", "0.003", "0.01")
-QUICK_OPTIMIZERS, QUICK_LRS, QUICK_BATCHES = ("sgd", "rmsprop"), ("0.001",), 5
-BATCH = 128
 N_TRAIN = 55000
-FLOOR_FACTOR, SECONDS_PER_TRIAL = 1.3, 2.0
+QUICK = ["study.seeds=1", "study.lrs=[0.01]", "study.batch_sizes=[128]", "study.max_epochs=1",
+         "trainer.limit_train_batches=5", "trainer.limit_val_batches=1"]
 
 
-def run_multirun(name: str, launcher: list[str], n_jobs: int, data_dir: Path, tmp: Path, optimizers, lrs,
-                 quick: bool, cores: int) -> dict:
+def study_grid(overrides: list[str]) -> tuple[list[tuple[str, float, int]], int]:
+    """The study's trials as (optimizer, lr, batch size) per seed, and its epochs, composed as the CLI would."""
+    from hydra import compose, initialize_config_dir
+
+    import mnistlab.train  # noqa: F401  (registers the sweep_values resolver)
+    from mnistlab.paths import CONF_DIR
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["sweep=optimizers", *overrides])
+    s = cfg.study
+    trials = [(o, float(lr), int(bs)) for o in s.optimizers for lr in s.lrs for bs in s.batch_sizes for _ in range(s.seeds)]
+    return trials, int(s.max_epochs)
+
+
+def run_study(name: str, launcher: list[str], threads: int, data_dir: Path, tmp: Path, overrides: list[str]) -> dict:
     sweep_dir, mlruns = tmp / name, tmp / f"mlruns_{name}"
-    cmd = [
-        sys.executable, "-m", "mnistlab.train", "-m",
-        f"optimizer={','.join(optimizers)}", f"optimizer.lr={','.join(lrs)}",
-        f"data.batch_size={BATCH}", "trainer.max_epochs=1",
-        f"data.processed_dir={data_dir}",
-        f"paths.mlruns_dir={mlruns}", f"paths.sweep_reports_dir={tmp / f'reports_{name}'}",
-        f"hydra.sweep.dir={sweep_dir}",
-        "logger.log_model=false", "trainer.enable_progress_bar=false", "callbacks.rich_progress_bar=null",
-        *launcher,
-    ]
-    if quick:
-        # not trainer.limit_test_batches: with logger.plots on, a partial test split crashes the trial in
-        # plots.misclassified_figure (predictions for the tested batches vs labels of the whole split)
-        cmd += [f"trainer.limit_train_batches={QUICK_BATCHES}", "trainer.limit_val_batches=1"]
+    cmd = [sys.executable, "-m", "mnistlab.train", "sweep=optimizers", *launcher, *overrides,
+           f"data.processed_dir={data_dir}", f"paths.mlruns_dir={mlruns}", f"paths.sweep_reports_dir={tmp / f'reports_{name}'}",
+           f"hydra.sweep.dir={sweep_dir}", "trainer.enable_progress_bar=false", "callbacks.rich_progress_bar=null"]
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MNISTLAB_PARENT_RUN_ID", "MNISTLAB_ROOT")}
-    threads = max(1, cores // n_jobs)
-    env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HYDRA_FULL_ERROR": "1"})
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HYDRA_FULL_ERROR": "1",
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"})
     log_path = tmp / f"{name}.log"
     print(f"[{name}] {' '.join(cmd[1:])}", flush=True)
     t0 = time.perf_counter()
@@ -84,177 +74,111 @@ def run_multirun(name: str, launcher: list[str], n_jobs: int, data_dir: Path, tm
         proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        tail = log_path.read_text().splitlines()[-25:]
-        print(f"[{name}] multirun exited {proc.returncode}; last lines of its log:\n  " + "\n  ".join(tail))
-
-    trials = sorted((d for d in sweep_dir.iterdir() if d.is_dir() and d.name.isdigit()), key=lambda d: int(d.name)) \
-        if sweep_dir.is_dir() else []
-    fits, missing = [], []
-    for d in trials:
-        m = d / "timing.json"
-        if m.is_file():
-            fits.append(json.loads(m.read_text())["fit_seconds"])
-        else:
-            missing.append(d.name)
-    return {
-        "launcher": name, "n_jobs": n_jobs, "torch_threads": threads, "returncode": proc.returncode,
-        "wall_seconds": wall, "trials": len(trials), "trials_with_metrics": len(fits), "trials_missing_metrics": missing,
-        "fit_seconds": fits, "sum_fit_seconds": sum(fits), "mlflow": read_mlflow(mlruns), "command": cmd[1:],
-    }
+        print(f"[{name}] exited {proc.returncode}; last lines of its log:\n  " + "\n  ".join(log_path.read_text().splitlines()[-25:]))
+    statuses = [json.loads(f.read_text())["status"] for f in sweep_dir.glob("*/.mnistlab_trial.json")] if sweep_dir.is_dir() else []
+    stacks = [line.split("launcher=stacked: ", 1)[1] for line in log_path.read_text().splitlines() if "launcher=stacked: " in line]
+    print(f"[{name}] wall {wall:.1f}s, trials {len(statuses)} ({statuses.count('FINISHED')} finished)", flush=True)
+    return {"launcher": name, "threads": threads, "returncode": proc.returncode, "wall_seconds": wall,
+            "trials": len(statuses), "finished": statuses.count("FINISHED"), "failed": statuses.count("FAILED"),
+            "stacks": stacks, "command": cmd[1:]}
 
 
-def read_mlflow(mlruns: Path) -> dict:
-    """Child runs of the sweep's parent in the temp store: status, fit_seconds, run durations."""
-    db = mlruns / "mlflow.db"
-    if not db.is_file():
-        return {"error": f"no store at {db}"}
-    try:
-        from mlflow import MlflowClient
-
-        client = MlflowClient(f"sqlite:///{db}")
-        exp = client.get_experiment_by_name("mnistlab")
-        runs = client.search_runs([exp.experiment_id], max_results=1000)
-    except Exception as e:  # the timing stands without it
-        return {"error": f"{type(e).__name__}: {e}"}
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-
-    def dur(r):
-        return (r.info.end_time - r.info.start_time) / 1000 if r.info.end_time and r.info.start_time else None
-
-    child_durs = [d for d in (dur(r) for r in children) if d is not None]
-    return {
-        "child_runs": len(children),
-        "statuses": sorted({r.info.status for r in children}),
-        "sum_fit_seconds": sum(r.data.metrics.get("fit_seconds", 0.0) for r in children),
-        "sum_child_run_seconds": sum(child_durs),
-        "parent_run_seconds": dur(parents[0]) if len(parents) == 1 else None,
-    }
-
-
-def measure_floor(data_dir: Path, thread_counts: list[int], quick: bool) -> dict:
-    """Seconds per training batch of the floor, per optimizer and thread count."""
+def measure_floor(data_dir: Path, trials, epochs: int, cores: int, quick: bool) -> dict:
+    """Seconds of one bare epoch per (optimizer, batch size) at 1 thread, and the study's floor wall time."""
     import torch
 
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)
     x, y = load_train_arrays(data_dir)
-    batches = floor_batches(x, y, BATCH)
-    max_batches = 20 if quick else None
-    warmup = 20 if quick else 100
-    torch.set_num_threads(max(thread_counts))
-    time_floor(batches, "rmsprop", 1, warmup, max_batches=1)  # process warm-up (allocator, oneDNN), discarded
-    out: dict = {}
-    for t in thread_counts:
-        torch.set_num_threads(t)
-        for opt in OPTIMIZERS:
-            r = time_floor(batches, opt, 1, warmup, max_batches)
-            out.setdefault(str(t), {})[opt] = r["epoch_seconds"][0] / r["batches_per_epoch"]
-            print(f"  floor {opt:<9} {t} thread(s): {out[str(t)][opt] * 1000:.2f} ms/batch "
-                  f"= {out[str(t)][opt] * math.ceil(N_TRAIN / BATCH):.2f} s/epoch", flush=True)
-    return out
+    per_epoch = {}
+    for opt, bs in sorted({(o, b) for o, _, b in trials}):
+        batches = floor_batches(x, y, bs)
+        r = time_floor(batches, opt, 1, 10 if quick else 50, max_batches=10 if quick else None)
+        per_epoch[f"{opt} bs{bs}"] = r["epoch_seconds"][0] / r["batches_per_epoch"] * math.ceil(N_TRAIN / bs)
+        print(f"  floor {opt:<9} bs {bs:<4} 1 thread: {per_epoch[f'{opt} bs{bs}']:.2f} s/epoch", flush=True)
+    total = sum(per_epoch[f"{o} bs{b}"] for o, _, b in trials) * epochs
+    return {"epoch_seconds": per_epoch, "sum_trial_seconds": total, "wall_seconds": total / cores}
+
+
+def stacked_steps(cores: int, quick: bool) -> dict:
+    """ms per stacked training step (rmsprop, batch 128) at 1, 4 and 12 members, and resident MB per member."""
+    import torch
+
+    from mnistlab.model import build_mlp
+    from mnistlab.stacked.nets import StackedMLP, StackedOptimizer, member_losses
+
+    torch.set_num_threads(cores)
+    opt_cfg = {"_target_": "torch.optim.RMSprop", "lr": 1e-3, "alpha": 0.9, "eps": 1e-7}
+    out, rss = {}, {}
+    for m in (1, 4, 12):
+        stack = StackedMLP([build_mlp(784, [512], 10, "relu", 0.0) for _ in range(m)])
+        opt = StackedOptimizer(stack.parameters(), ["rmsprop"] * m, [opt_cfg] * m)
+        x, y = torch.rand(m, 128, 784), torch.randint(0, 10, (m, 128))
+        steps = 5 if quick else 100
+        for i in range(steps + 5):
+            if i == 5:
+                t0 = time.perf_counter()
+            opt.zero_grad()
+            member_losses(stack(x), y).sum().backward()
+            opt.step()
+        out[m] = (time.perf_counter() - t0) / steps * 1000
+        rss[m] = rss_now_mb()
+        print(f"  stacked step, {m:>2} members: {out[m]:.2f} ms ({out[m] / m:.2f} ms per member)", flush=True)
+        del stack, opt, x, y
+    per_member = (rss[12] - rss[1]) / 11 if rss[1] is not None else None
+    return {"ms_per_step": out, "rss_mb_per_member": per_member}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help=f"2 trials x {QUICK_BATCHES} batches: checks the script runs")
+    ap.add_argument("--quick", action="store_true", help="3 trials x 5 batches: checks the script runs")
+    ap.add_argument("--seeds", type=int, default=1, help="study.seeds (1: the 36-trial study; 3: the 108-trial one)")
     ap.add_argument("--data-dir", type=Path, default=DEFAULT_DATA, help=f"processed splits (default {DEFAULT_DATA})")
-    ap.add_argument("--n-jobs", type=int, default=2, help="joblib workers (default 2)")
-    ap.add_argument("--skip", choices=("basic", "joblib"), action="append", default=[], help="leave out a launcher")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (sweep dirs, stores, logs) and print it")
     ap.add_argument("--json", type=Path, default=None, help="where to write the results (default benchmarks/results/)")
     args = ap.parse_args(argv)
 
     data_dir = check_processed(args.data_dir)
     cores = os.cpu_count() or 1
-    optimizers, lrs = (QUICK_OPTIMIZERS, QUICK_LRS) if args.quick else (OPTIMIZERS, LRS)
-    grid = [(o, lr) for o in optimizers for lr in lrs]
-    batches_per_trial = min(QUICK_BATCHES, math.ceil(N_TRAIN / BATCH)) if args.quick else math.ceil(N_TRAIN / BATCH)
+    overrides = QUICK if args.quick else [f"study.seeds={args.seeds}"]
+    trials, epochs = study_grid(overrides)
     env = environment()
     print(f"sweep_speed: {env['cpu']}, {cores} cores, torch {env['torch']}, git {env['git']}; data {data_dir}")
-    print(f"grid: optimizer {','.join(optimizers)} x lr {','.join(lrs)} = {len(grid)} trials, batch {BATCH}, 1 epoch"
-          + (f" limited to {QUICK_BATCHES} batches (QUICK MODE: not a benchmark)" if args.quick else ""))
-
-    launchers = [("basic", ["launcher=basic"], 1),
-                 ("joblib", ["launcher=joblib", f"hydra.launcher.n_jobs={args.n_jobs}"], args.n_jobs)]
-    launchers = [l for l in launchers if l[0] not in args.skip]
-    thread_counts = sorted({max(1, cores // p) for _, _, p in launchers} | {1, cores})
-
-    print("floor (in-process, pre-made float batches, one pass per optimizer):", flush=True)
-    floor = measure_floor(data_dir, thread_counts, args.quick)
+    print(f"study: {len(trials)} trials x {epochs} epochs" + ("  (QUICK MODE: 5 batches per trial, not a benchmark)" if args.quick else ""))
+    print("floor (bare epochs, 1 thread):", flush=True)
+    floor = measure_floor(data_dir, trials, epochs, cores, args.quick)
+    if args.quick:  # 5 batches per trial, not whole epochs
+        floor["wall_seconds"] *= 5 / math.ceil(N_TRAIN / 128)
+    print("stacked step time (threads = cores):", flush=True)
+    steps = stacked_steps(cores, args.quick)
 
     tmp = Path(tempfile.mkdtemp(prefix="mnistlab-sweep-speed-"))
-    results = []
     try:
-        for name, launcher, p in launchers:
-            r = run_multirun(name, launcher, p, data_dir, tmp, optimizers, lrs, args.quick, cores)
-            t = r["torch_threads"]
-            floor_sum = sum(floor[str(t)][o] * batches_per_trial for o, _ in grid)
-            n = len(grid)
-            r.update({
-                "planned_trials": n,
-                "floor_sum_seconds": floor_sum,
-                "target_wall_seconds": (FLOOR_FACTOR * floor_sum + SECONDS_PER_TRIAL * n) / p,
-                "overhead_per_trial_seconds": (r["wall_seconds"] * p - r["sum_fit_seconds"]) / n,
-            })
-            r["pass"] = r["wall_seconds"] <= r["target_wall_seconds"] and r["trials_with_metrics"] == n
-            results.append(r)
-            print(f"[{name}] wall {r['wall_seconds']:.1f}s, {r['trials_with_metrics']}/{n} trials with metrics, "
-                  f"sum fit {r['sum_fit_seconds']:.1f}s", flush=True)
+        results = [run_study("joblib", ["launcher=joblib", "hydra.launcher.n_jobs=2"], max(1, cores // 2), data_dir, tmp, overrides),
+                   run_study("stacked", ["launcher=stacked"], cores, data_dir, tmp, overrides)]
     finally:
         if args.keep:
             print(f"kept: {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    # ---- report
-    print()
-    print(f"{'launcher':<9}{'P':>3}{'thr':>4}{'trials':>8}{'wall s':>9}{'sum fit':>9}{'fit/trial':>10}"
-          f"{'ovh/trial':>10}{'floor sum':>10}{'target s':>9}  verdict")
-    for r in results:
-        ok = r["trials_with_metrics"]
-        print(f"{r['launcher']:<9}{r['n_jobs']:>3}{r['torch_threads']:>4}{str(ok) + '/' + str(r['planned_trials']):>8}"
-              f"{r['wall_seconds']:>9.1f}{r['sum_fit_seconds']:>9.1f}{r['sum_fit_seconds'] / max(1, ok):>10.2f}"
-              f"{r['overhead_per_trial_seconds']:>10.2f}{r['floor_sum_seconds']:>10.1f}{r['target_wall_seconds']:>9.1f}"
-              f"  {verdict(r['pass'])}")
-    print("P = trials in parallel, thr = torch threads per trial.")
-    print("ovh/trial: basic = (wall - sum fit) / trials; joblib = (wall x n_jobs - sum fit) / trials "
-          "(worker-seconds per trial not spent in Trainer.fit).")
-    print(f"target = ({FLOOR_FACTOR} x sum over trials of floor_epoch(optimizer, thr) + {SECONDS_PER_TRIAL:g} s x trials) / P; "
-          f"floor_epoch = floor s/batch x {batches_per_trial} batches.")
-    for r in results:
-        m = r["mlflow"]
-        if "error" in m:
-            print(f"  {r['launcher']}: MLflow cross-check unavailable: {m['error']}")
-            continue
-        line = (f"  {r['launcher']}: MLflow has {m['child_runs']} child runs ({', '.join(m['statuses']) or '-'}), "
-                f"sum fit_seconds {m['sum_fit_seconds']:.1f}s, sum child run durations {m['sum_child_run_seconds']:.1f}s")
-        if m.get("parent_run_seconds") is not None:
-            line += f", parent run {m['parent_run_seconds']:.1f}s of the {r['wall_seconds']:.1f}s wall"
-        print(line)
     by = {r["launcher"]: r for r in results}
-    speedup = None
-    if "basic" in by and "joblib" in by:
-        speedup = by["basic"]["wall_seconds"] / by["joblib"]["wall_seconds"]
-        print(f"speedup basic/joblib (wall): {speedup:.2f}x with n_jobs={args.n_jobs} on {cores} cores")
+    ratio = by["joblib"]["wall_seconds"] / by["stacked"]["wall_seconds"]
+    print()
+    print(f"{'launcher':<9}{'trials':>8}{'finished':>10}{'wall s':>9}{'wall/floor':>12}")
+    for r in results:
+        print(f"{r['launcher']:<9}{r['trials']:>8}{r['finished']:>10}{r['wall_seconds']:>9.1f}"
+              f"{r['wall_seconds'] / floor['wall_seconds']:>12.2f}")
+    print(f"floor    {len(trials):>8}{'':>10}{floor['wall_seconds']:>9.1f}   (sum of the trials' bare 1-thread epochs "
+          f"{floor['sum_trial_seconds']:.1f}s / {cores} cores)")
+    print(f"ratio joblib/stacked: {ratio:.2f}x (target >= 1.4x on the 36-trial study)")
+    print(f"stacks: {'; '.join(by['stacked']['stacks'])}")
+    print("stacked step, batch 128: " + ", ".join(f"{m} members {t:.2f} ms" for m, t in steps["ms_per_step"].items())
+          + (f"; one member adds ~{steps['rss_mb_per_member']:.1f} MB resident" if steps["rss_mb_per_member"] else ""))
     if args.quick:
-        print("QUICK MODE: 5-batch trials are all overhead; the verdicts mean nothing. Run without --quick.")
-
-    payload = {
-        "benchmark": "sweep_speed",
-        "quick": args.quick,
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "environment": env,
-        "grid": {"optimizers": list(optimizers), "lrs": list(lrs), "batch_size": BATCH, "epochs": 1,
-                 "batches_per_trial": batches_per_trial},
-        "floor_seconds_per_batch": floor,
-        "formulas": {
-            "overhead_per_trial": "(wall x P - sum fit_seconds) / trials; P = 1 for basic, n_jobs for joblib",
-            "target_wall": f"({FLOOR_FACTOR} x sum_trials floor_epoch(optimizer, cores//P threads) + "
-                           f"{SECONDS_PER_TRIAL} x trials) / P",
-            "speedup": "wall(basic) / wall(joblib)",
-        },
-        "launchers": results,
-        "speedup_basic_over_joblib": speedup,
-    }
+        print("QUICK MODE: 5-batch trials are all overhead; the numbers mean nothing. Run without --quick.")
+    payload = {"benchmark": "sweep_speed", "quick": args.quick, "environment": env, "trials": len(trials), "epochs": epochs,
+               "overrides": overrides, "floor": floor, "stacked_steps": steps, "launchers": results, "ratio_joblib_over_stacked": ratio}
     path = write_json(payload, "sweep_speed_quick.json" if args.quick else "sweep_speed.json", args.json)
     print(f"results: {path}")
     return 0 if all(r["returncode"] == 0 for r in results) else 1

@@ -45,6 +45,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     from mnistlab.data.datamodule import MnistDataModule
     from mnistlab.logging_setup import quiet_lightning
     from mnistlab.model import MnistMLP, use_automatic_optimization
+    from mnistlab.stacked.adopt import adopt, adopted_result
     from mnistlab.tracking.run import keep_tracking_uri_env, restore_sigint
 
     quiet_lightning()
@@ -82,7 +83,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
             trainer = build_trainer(cfg, run, history, dirs, hc)
             if run is not None:
                 log_device(run, trainer)
-            metrics, rows = _fit_and_test(cfg, trainer, model, dm, history, dirs.checkpoints)
+            stacked = adopted_result()  # trained in a stack by launcher=stacked: adopt its results (mnistlab.stacked)
+            if stacked is not None:
+                metrics, rows = adopt(stacked, cfg, trainer, model, dm, dirs.checkpoints)
+            else:
+                metrics, rows = _fit_and_test(cfg, trainer, model, dm, history, dirs.checkpoints)
             if run is not None:
                 log_results(run, cfg, trainer, model, dm, rows, metrics)
             if trainer.is_global_zero:  # DDP's other ranks share the output dir

@@ -29,3 +29,16 @@ class CappedLocalConf(LocalQueueConf):
 
 ConfigStore.instance().store(group="hydra/launcher", name="mnistlab_joblib", node=ContainedJoblibConf, provider="mnistlab")
 ConfigStore.instance().store(group="hydra/launcher", name="mnistlab_submitit_local", node=CappedLocalConf, provider="mnistlab")
+
+
+@dataclass
+class StackedConf:
+    _target_: str = "hydra_plugins.mnistlab_launchers.launchers.StackedLauncher"
+    # at most this many trials per stack
+    max_members: int = 12
+    # what one member adds to a stack's memory (measured ~9 MB resident at batch 128, benchmarks/sweep_speed.py), with
+    # margin: at most available memory / this many members per stack
+    mem_per_member_mb: float = 32.0
+
+
+ConfigStore.instance().store(group="hydra/launcher", name="mnistlab_stacked", node=StackedConf, provider="mnistlab")

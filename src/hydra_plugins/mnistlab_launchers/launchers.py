@@ -1,5 +1,6 @@
 """Hydra's JoblibLauncher and submitit LocalLauncher, with each trial contained (a dead trial is FAILED and the
-sweep goes on) and concurrency capped by cores and memory (mnistlab.launching)."""
+sweep goes on) and concurrency capped by cores and memory (mnistlab.launching); the stacked launcher
+(mnistlab.stacked)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from hydra.core.singleton import Singleton
-from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, setup_globals
+from hydra._internal.core_plugins.basic_launcher import BasicLauncher
+from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
 from hydra_plugins.hydra_joblib_launcher.joblib_launcher import JoblibLauncher
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher
 from omegaconf import open_dict
 
 log = logging.getLogger(__name__)
+RESULT_FILE = ".mnistlab_stacked.pt"  # a stacked member's results, in its job dir until its job adopts them
 _config_lock = threading.Lock()
 
 
@@ -116,3 +119,61 @@ class CappedLocalLauncher(LocalLauncher):
             except Exception:  # submitit's UncompletedJobError: the trial's process died without a result
                 results.append(_dead_trial(self, job_overrides[i], initial_job_idx + i, None, death_reason(None)))
         return results
+
+
+class StackedLauncher(BasicLauncher):
+    """launcher=stacked: compatible trials trained together in one fit (mnistlab.stacked), then each member's job run
+    through Hydra's run_job with the normal task function, which adopts the member's results; the others one at a
+    time through the same run_job, as launcher=basic runs them."""
+
+    def __init__(self, max_members: int, mem_per_member_mb: float) -> None:
+        super().__init__()
+        self.max_members, self.mem_per_member_mb = max_members, mem_per_member_mb
+
+    def _compose(self, overrides: Sequence[str], num: int):
+        """The job's config as BasicLauncher.launch composes it."""
+        cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+        with open_dict(cfg):
+            cfg.hydra.job.id = num
+            cfg.hydra.job.num = num
+        return cfg
+
+    def _run(self, cfg, result: Path | None = None) -> JobReturn:
+        from mnistlab.stacked.adopt import RESULT_ENV
+
+        if result is not None:
+            os.environ[RESULT_ENV] = str(result)
+        try:
+            ret = run_job(hydra_context=self.hydra_context, task_function=self.task_function, config=cfg,
+                          job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+        finally:
+            os.environ.pop(RESULT_ENV, None)
+            if result is not None:
+                result.unlink(missing_ok=True)
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        return ret
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from mnistlab.paths import root_of
+        from mnistlab.stacked.fit import train_group
+        from mnistlab.stacked.plan import plan
+
+        _announce(self, job_overrides, initial_job_idx)
+        cfgs = [self._compose(o, initial_job_idx + i) for i, o in enumerate(job_overrides)]
+        groups, alone = plan(cfgs, self.max_members, self.mem_per_member_mb)
+        results: dict[int, JobReturn] = {}
+        for group in groups:
+            files = [Path(str(cfgs[i].hydra.sweep.dir)) / str(cfgs[i].hydra.sweep.subdir) / RESULT_FILE for i in group]
+            try:
+                seconds = train_group([cfgs[i] for i in group], files, root_of(cfgs[group[0]].paths.root))
+            except Exception as e:  # e.g. out of memory: its trials still train, one at a time
+                log.exception("stacked fit of trials %s failed (%s: %s); training them one at a time",
+                              [initial_job_idx + i for i in group], type(e).__name__, e)
+                alone.extend(group)
+                continue
+            log.info("stacked fit of trials %s: %.1fs", [initial_job_idx + i for i in group], seconds)
+            for i, file in zip(group, files):
+                results[i] = self._run(cfgs[i], file)
+        for i in sorted(alone):
+            results[i] = self._run(cfgs[i])
+        return [results[i] for i in range(len(cfgs))]

@@ -1,0 +1,97 @@
+"""A stacked member's trial, inside train(): its results adopted from the stack's fit instead of fitting again.
+
+The launcher trained the member in a stack and left its result file; train() runs as for any trial (config checks,
+its MLflow run, params, trainer, test, artifacts, metrics.json, curves.csv) and calls adopt() where it would fit.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+# set by the stacked launcher around one member's Hydra job: the member's result file (never a config override, which
+# would change the recorded config and its hash)
+RESULT_ENV = "MNISTLAB_STACKED_RESULT"
+
+
+def adopted_result() -> Path | None:
+    """The result file this trial adopts, when the stacked launcher runs it."""
+    path = os.environ.get(RESULT_ENV)
+    return Path(path) if path else None
+
+
+def _log_curves(trainer, r: dict) -> None:
+    """The fit's metrics through the run's Lightning logger, with the keys and steps MnistMLP's fit logs them at:
+    train/loss_step (+ epoch) at its global steps, then per epoch the val and the train metrics (+ epoch)."""
+    for logger in trainer.loggers:
+        for e, row in enumerate(r["rows"]):
+            for epoch, step, value in r["step_losses"]:
+                if epoch == e:
+                    logger.log_metrics({"train/loss_step": value, "epoch": e}, step=step)
+            val = {k: row[k] for k in ("val/loss", "val/acc", "val/acc_best") if k in row}
+            if val:
+                logger.log_metrics({**val, "epoch": e}, step=e + 1)
+            logger.log_metrics({"train/loss": row["train/loss"], "train/acc": row["train/acc"], "epoch": e}, step=e + 1)
+        logger.save()
+
+
+def _set_progress(trainer, epochs: int, steps: int) -> None:
+    """The trainer as a fit of `epochs` epochs and `steps` steps leaves it, so test/* and the summary metrics are
+    logged at the ordinary run's steps (Lightning reads these counters; no public setter)."""
+    trainer.fit_loop.epoch_progress.current.completed = epochs
+    loop = trainer.fit_loop.epoch_loop
+    loop.automatic_optimization.optim_progress.optimizer.step.total.completed = steps
+    loop.manual_optimization.optim_step_progress.total.completed = steps
+    loop._batches_that_stepped = steps
+
+
+def _save_checkpoint(path: Path, model, r: dict) -> None:
+    """A weights-only Lightning checkpoint of the ordinary model (what MnistMLP.load_from_checkpoint and
+    trainer.test(ckpt_path=...) read); a stacked trial cannot be resumed from it (no optimizer or loop state)."""
+    import lightning.pytorch as pl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+                "pytorch-lightning_version": pl.__version__, "epoch": r["current_epoch"] - 1,
+                "global_step": r["global_step"], "mnistlab_stacked": True}, path)
+
+
+def adopt(path: Path, cfg: DictConfig, trainer, model, dm, ckpt_dir: Path) -> tuple[dict[str, float], list[dict]]:
+    """In place of train._fit_and_test: log the member's curves, fail as its fit failed, else write its checkpoints
+    and test the weights the ordinary run would test. Returns (metrics.json's summary, the per-epoch rows)."""
+    from mnistlab.callbacks import NonFiniteLossError, clean_float
+    from mnistlab.config import effective_test_ckpt
+
+    r = torch.load(path, map_location="cpu", weights_only=False)
+    _log_curves(trainer, r)
+    if r["error"]:
+        raise NonFiniteLossError(r["error"])
+    _set_progress(trainer, r["current_epoch"], r["global_step"])
+    model.samples_seen = r["samples_seen"]
+    ckpt_cb = trainer.checkpoint_callback
+    folder = Path(ckpt_cb.dirpath) if ckpt_cb is not None and ckpt_cb.dirpath else ckpt_dir
+    model.net.load_state_dict(r["last"])
+    if ckpt_cb is not None and ckpt_cb.save_last:
+        ckpt_cb.last_model_path = str(folder / "last.ckpt")
+        _save_checkpoint(folder / "last.ckpt", model, r)
+    best = effective_test_ckpt(cfg) == "best" and ckpt_cb is not None and r["best"] is not None
+    if ckpt_cb is not None and r["best"] is not None:
+        model.net.load_state_dict(r["best"])
+        ckpt_cb.best_model_path = str(folder / f"{ckpt_cb.filename}.ckpt")
+        _save_checkpoint(Path(ckpt_cb.best_model_path), model, r)
+    model.net.load_state_dict(r["best"] if best else r["last"])
+    trainer.test(model, datamodule=dm, verbose=False)
+    test = {k: clean_float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+    rows = [{k: v for k, v in row.items() if k != "val/acc_best"} for row in r["rows"]]
+    return {
+        "test/acc": test["test/acc"],
+        "test/loss": test["test/loss"],
+        "val/acc_best": clean_float(max((row["val/acc"] for row in rows), default=float("nan"))),
+        "epochs": len(rows),
+        "fit_seconds": round(r["fit_seconds"], 3),
+        "samples_per_second": round(r["samples_seen"] / r["fit_seconds"], 1),
+        "samples_seen": r["samples_seen"],
+    }, rows
