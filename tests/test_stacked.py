@@ -13,12 +13,12 @@ from torch import nn
 from test_sweep import LAUNCHERS, _csv, _multirun, _store
 
 # Tolerance of the per-epoch val/acc and the test/acc, stacked vs one by one: 1e-6, i.e. equal as float32 counts over
-# 100 val / 200 test images. Each member's weights are bit-identical to its ordinary run's on this CPU (the baddbmm on
-# nn.Linear's layout runs the same gemm per member; the updates round as torch.optim's; test_updates_are_bitwise_torch_optim);
-# the reference is launcher=joblib (2 trials at a time on 2 cores: one torch thread per trial), as the study runs: a stack
-# parallelizes its batched matmul over members, so each member's gemm runs on one thread, the same arithmetic. Against a
-# trial given 2 threads (launcher=basic) the gemm splits differently and results agree only up to rounding, which
-# RMSprop at lr 0.1 amplifies (val/acc 0.28 vs 0.29 seen). Only the training loss, a per-member mean instead of nll_loss's own mean, may differ in its last float32 bit, hence
+# 100 val / 200 test images. Each member's weights are bit-identical to its ordinary run's with the same torch thread
+# count (the forward is nn.Linear's addmm per member; the updates round as torch.optim's;
+# test_updates_are_bitwise_torch_optim), so the reference is launcher=basic: one trial at a time with all cores' threads,
+# as a stack runs. (Against a trial with another thread count, launcher=joblib's 1 thread, the gemm splits differently
+# and results agree only up to rounding, which RMSprop at lr 0.1 amplifies: val/acc 0.28 vs 0.29 seen.) Only the
+# training loss, a per-member mean instead of nll_loss's own mean, may differ in its last float32 bit, hence
 # LOSS_RTOL for train/loss, train/loss_step and val/loss.
 ACC_TOL, LOSS_RTOL = 1e-6, 1e-5
 GRID = ["optimizer=sgd,momentum,rmsprop", "optimizer.lr=0.01,0.1", "seed=0,1"]  # 6 configs x 2 seeds
@@ -74,16 +74,16 @@ def test_updates_are_bitwise_torch_optim():
 
 @pytest.mark.slow
 def test_stacked_trials_equal_their_one_by_one_runs(tmp_path, processed_dir):
-    """12 trials (sgd, momentum, rmsprop x 2 lrs x 2 seeds) stacked and with launcher=joblib: per trial, every epoch's
+    """12 trials (sgd, momentum, rmsprop x 2 lrs x 2 seeds) stacked and with launcher=basic: per trial, every epoch's
     val/acc and the test/acc agree (ACC_TOL), the curves have the same keys and steps, each trial has its job dir."""
     runs = {}
-    for name, launcher in (("stacked", ["launcher=stacked"]), ("joblib", LAUNCHERS["joblib"])):
+    for name, launcher in (("stacked", ["launcher=stacked"]), ("basic", LAUNCHERS["basic"])):
         proc = _multirun(tmp_path / name, processed_dir, GRID, launcher)
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[name] = _store(tmp_path / name)
         if name == "stacked":
             assert "launcher=stacked: 12 trials in 1 stack(s) of [12], 0 on their own" in proc.stdout + proc.stderr
-    (sc, (sp,), stacked), (bc, _, alone) = runs["stacked"], runs["joblib"]
+    (sc, (sp,), stacked), (bc, _, alone) = runs["stacked"], runs["basic"]
     assert len(stacked) == 12 and {c.data.tags["mlflow.parentRunId"] for c in stacked} == {sp.info.run_id}
     ours, theirs = _by_config(stacked), _by_config(alone)
     assert set(ours) == set(theirs) and len(ours) == 12
@@ -121,7 +121,7 @@ def test_diverging_member_fails_alone_and_adam_falls_back(tmp_path, processed_di
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "trains on its own, not stacked: optimizer adam (torch.optim.Adam) has no stacked update" in proc.stdout + proc.stderr
     assert "launcher=stacked: 2 trials in 1 stack(s) of [2], 2 on their own" in proc.stdout + proc.stderr
-    ref = _multirun(tmp_path / "joblib", processed_dir, ["optimizer=sgd", "optimizer.lr=1e30,0.01"], LAUNCHERS["joblib"])
+    ref = _multirun(tmp_path / "basic", processed_dir, ["optimizer=sgd", "optimizer.lr=1e30,0.01"], LAUNCHERS["basic"])
     assert ref.returncode == 0, ref.stderr[-3000:]
 
     client, (parent,), children = _store(tmp_path / "stacked")
@@ -134,7 +134,7 @@ def test_diverging_member_fails_alone_and_adam_falls_back(tmp_path, processed_di
     rows = {(r["optimizer"], float(r["lr"])): r for r in _csv(tmp_path / "stacked" / "reports" / "sweep.csv")}
     assert len(rows) == 4 and rows[("sgd", 1e30)]["status"] == "FAILED" and rows[("sgd", 0.01)]["status"] == "FINISHED"
 
-    rc, _, ref_runs = _store(tmp_path / "joblib")
+    rc, _, ref_runs = _store(tmp_path / "basic")
     (alone,) = [r for r in ref_runs if r.data.params["lr"] == "0.01"]
     ok = by[("sgd", 0.01)]
     assert ok.info.status == "FINISHED"
