@@ -15,11 +15,12 @@ from test_sweep import LAUNCHERS, _csv, _multirun, _store
 # Tolerance of the per-epoch val/acc and the test/acc, stacked vs one by one: 1e-6, i.e. equal as float32 counts over
 # 100 val / 200 test images. Each member's weights are bit-identical to its ordinary run's with the same torch thread
 # count (the forward is nn.Linear's addmm per member; the updates round as torch.optim's;
-# test_updates_are_bitwise_torch_optim), so the reference is launcher=basic: one trial at a time with all cores' threads,
-# as a stack runs. (Against a trial with another thread count, launcher=joblib's 1 thread, the gemm splits differently
-# and results agree only up to rounding, which RMSprop at lr 0.1 amplifies: val/acc 0.28 vs 0.29 seen.) Only the
-# training loss, a per-member mean instead of nll_loss's own mean, may differ in its last float32 bit, hence
-# LOSS_RTOL for train/loss, train/loss_step and val/loss.
+# test_updates_are_bitwise_torch_optim). A stack runs with cores / (stacks at once) threads, so the reference is the
+# launcher with the same threads per trial: 12 trials make 2 stacks of 6 at once on 2 cores, 1 thread each, as
+# launcher=joblib's trials; a lone stack of 2 gets both cores, as launcher=basic's. (With other thread counts the gemm
+# splits differently and results agree only up to rounding, which RMSprop at lr 0.1 amplifies: val/acc 0.28 vs 0.29
+# seen.) Only the training loss, a per-member mean instead of nll_loss's own mean, may differ in its last float32 bit,
+# hence LOSS_RTOL for train/loss, train/loss_step and val/loss.
 ACC_TOL, LOSS_RTOL = 1e-6, 1e-5
 GRID = ["optimizer=sgd,momentum,rmsprop", "optimizer.lr=0.01,0.1", "seed=0,1"]  # 6 configs x 2 seeds
 
@@ -74,16 +75,19 @@ def test_updates_are_bitwise_torch_optim():
 
 @pytest.mark.slow
 def test_stacked_trials_equal_their_one_by_one_runs(tmp_path, processed_dir):
-    """12 trials (sgd, momentum, rmsprop x 2 lrs x 2 seeds) stacked and with launcher=basic: per trial, every epoch's
+    """12 trials (sgd, momentum, rmsprop x 2 lrs x 2 seeds) stacked and with launcher=joblib: per trial, every epoch's
     val/acc and the test/acc agree (ACC_TOL), the curves have the same keys and steps, each trial has its job dir."""
     runs = {}
-    for name, launcher in (("stacked", ["launcher=stacked"]), ("basic", LAUNCHERS["basic"])):
+    # n_jobs=2 on both: 2 stacks / 2 trials at once, cores // 2 threads each, on any machine
+    for name, launcher in (("stacked", ["launcher=stacked", "hydra.launcher.n_jobs=2"]), ("joblib", LAUNCHERS["joblib"])):
         proc = _multirun(tmp_path / name, processed_dir, GRID, launcher)
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[name] = _store(tmp_path / name)
         if name == "stacked":
-            assert "launcher=stacked: 12 trials in 1 stack(s) of [12], 0 on their own" in proc.stdout + proc.stderr
-    (sc, (sp,), stacked), (bc, _, alone) = runs["stacked"], runs["basic"]
+            out = proc.stdout + proc.stderr
+            assert "launcher=stacked: 12 trials in 2 stack(s) of [6, 6], 0 on their own" in out, out[-3000:]
+            assert out.count("stacked fit of trials") == 2
+    (sc, (sp,), stacked), (bc, _, alone) = runs["stacked"], runs["joblib"]
     assert len(stacked) == 12 and {c.data.tags["mlflow.parentRunId"] for c in stacked} == {sp.info.run_id}
     ours, theirs = _by_config(stacked), _by_config(alone)
     assert set(ours) == set(theirs) and len(ours) == 12
@@ -140,3 +144,27 @@ def test_diverging_member_fails_alone_and_adam_falls_back(tmp_path, processed_di
     assert ok.info.status == "FINISHED"
     for k in ("val/acc", "test/acc"):
         assert [v for _, v in _history(client, ok, k)] == pytest.approx([v for _, v in _history(rc, alone, k)], abs=ACC_TOL)
+
+
+@pytest.mark.slow
+def test_a_rerun_stacks_only_the_trials_it_must_train(tmp_path, processed_dir):
+    """reuse_finished=true (the study's setting): a second sweep over a wider grid reuses the FINISHED trials as they
+    are and stacks only the new ones; the reused runs point at the originals."""
+    from mnistlab.tracking.tags import REUSED_TAG
+
+    grid = ["optimizer=sgd,rmsprop", "reuse_finished=true"]
+    first = _multirun(tmp_path, processed_dir, grid + ["optimizer.lr=0.01"], ["launcher=stacked"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = _multirun(tmp_path, processed_dir, grid + ["optimizer.lr=0.01,0.1"], ["launcher=stacked"],
+                       sweep_dir="multirun2")
+    assert second.returncode == 0, second.stderr[-3000:]
+    out = second.stdout + second.stderr
+    assert out.count("is not stacked: its job reuses FINISHED run") == 2, out[-3000:]
+    assert "launcher=stacked: 2 trials in 1 stack(s) of [2], 2 on their own" in out
+    client, parents, children = _store(tmp_path)
+    assert len(parents) == 2 and len(children) == 6
+    latest = max(parents, key=lambda r: r.info.start_time).info.run_id
+    kids = [c for c in children if c.data.tags["mlflow.parentRunId"] == latest]
+    reused = {(c.data.params["optimizer"], float(c.data.params["lr"])) for c in kids if REUSED_TAG in c.data.tags}
+    assert reused == {("sgd", 0.01), ("rmsprop", 0.01)}
+    assert all(c.info.status == "FINISHED" for c in kids)

@@ -36,6 +36,11 @@ class StackedConf:
     _target_: str = "hydra_plugins.mnistlab_launchers.launchers.StackedLauncher"
     # at most this many trials per stack
     max_members: int = 12
+    # stacks trained at once, each in its own process with cores / n_jobs torch threads (-1: one per core). On this
+    # 2-core CPU two 1-thread stacks beat one 2-thread stack: a small gemm uses 2 threads at ~75 % efficiency.
+    n_jobs: int = -1
+    # one stack process's peak before its members (the ordinary trial's ~1.2 GB): caps n_jobs by available memory
+    mem_per_trial_gb: float = 1.5
     # what one member adds to a stack's memory (measured ~9 MB resident at batch 128, benchmarks/sweep_speed.py), with
     # margin: at most available memory / this many members per stack
     mem_per_member_mb: float = 32.0

@@ -122,13 +122,15 @@ class CappedLocalLauncher(LocalLauncher):
 
 
 class StackedLauncher(BasicLauncher):
-    """launcher=stacked: compatible trials trained together in one fit (mnistlab.stacked), then each member's job run
-    through Hydra's run_job with the normal task function, which adopts the member's results; the others one at a
-    time through the same run_job, as launcher=basic runs them."""
+    """launcher=stacked: compatible trials trained together in one fit per stack (mnistlab.stacked), n_jobs stacks at
+    once in their own processes; then each member's job runs through Hydra's run_job with the normal task function,
+    which adopts the member's results; the others one at a time through the same run_job, as launcher=basic runs
+    them."""
 
-    def __init__(self, max_members: int, mem_per_member_mb: float) -> None:
+    def __init__(self, max_members: int, mem_per_member_mb: float, n_jobs: int, mem_per_trial_gb: float) -> None:
         super().__init__()
         self.max_members, self.mem_per_member_mb = max_members, mem_per_member_mb
+        self.n_jobs, self.mem_per_trial_gb = n_jobs, mem_per_trial_gb
 
     def _compose(self, overrides: Sequence[str], num: int):
         """The job's config as BasicLauncher.launch composes it."""
@@ -153,27 +155,45 @@ class StackedLauncher(BasicLauncher):
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         return ret
 
-    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from mnistlab.paths import root_of
+    def _fit_stacks(self, cfgs, groups: list[list[int]], root: Path, workers: int) -> dict[int, Path]:
+        """Train the stacks, `workers` at a time, each in its own process (loky: a worker that dies fails its
+        stack, not the sweep); {trial index: its result file} for the stacks that trained, the rest train alone."""
+        from joblib.externals.loky import ProcessPoolExecutor
+
         from mnistlab.stacked.fit import train_group
+
+        files = {i: Path(str(cfgs[i].hydra.sweep.dir)) / str(cfgs[i].hydra.sweep.subdir) / RESULT_FILE
+                 for g in groups for i in g}
+        done: dict[int, Path] = {}
+        executor = ProcessPoolExecutor(max_workers=workers)
+        try:
+            futures = [executor.submit(train_group, [cfgs[i] for i in g], [files[i] for i in g], root, workers)
+                       for g in groups]
+            for group, future in zip(groups, futures):
+                nums = [cfgs[i].hydra.job.num for i in group]
+                try:
+                    seconds = future.result()
+                except Exception as e:  # e.g. out of memory: its trials still train, one at a time
+                    log.error("stacked fit of trials %s failed (%s: %s); training them one at a time", nums,
+                              type(e).__name__, str(e)[-2000:])
+                    continue
+                log.info("stacked fit of trials %s: %.1fs", nums, seconds)
+                done.update({i: files[i] for i in group})
+        finally:  # after Ctrl-C or SIGTERM too: no stack process outlives the sweep
+            executor.shutdown(wait=True, kill_workers=True)
+        return done
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from mnistlab.launching import available_cores, trial_capacity
+        from mnistlab.paths import root_of
         from mnistlab.stacked.plan import plan
 
         _announce(self, job_overrides, initial_job_idx)
         cfgs = [self._compose(o, initial_job_idx + i) for i, o in enumerate(job_overrides)]
-        groups, alone = plan(cfgs, self.max_members, self.mem_per_member_mb)
-        results: dict[int, JobReturn] = {}
-        for group in groups:
-            files = [Path(str(cfgs[i].hydra.sweep.dir)) / str(cfgs[i].hydra.sweep.subdir) / RESULT_FILE for i in group]
-            try:
-                seconds = train_group([cfgs[i] for i in group], files, root_of(cfgs[group[0]].paths.root))
-            except Exception as e:  # e.g. out of memory: its trials still train, one at a time
-                log.exception("stacked fit of trials %s failed (%s: %s); training them one at a time",
-                              [initial_job_idx + i for i in group], type(e).__name__, e)
-                alone.extend(group)
-                continue
-            log.info("stacked fit of trials %s: %.1fs", [initial_job_idx + i for i in group], seconds)
-            for i, file in zip(group, files):
-                results[i] = self._run(cfgs[i], file)
-        for i in sorted(alone):
-            results[i] = self._run(cfgs[i])
+        root = root_of(cfgs[0].paths.root)
+        workers = trial_capacity(available_cores() if self.n_jobs < 0 else self.n_jobs, self.mem_per_trial_gb)
+        groups, alone = plan(cfgs, self.max_members, self.mem_per_member_mb, root, workers)
+        stacked = self._fit_stacks(cfgs, groups, root, min(workers, len(groups))) if groups else {}
+        results = {i: self._run(cfgs[i], stacked[i]) for i in sorted(stacked)}
+        results.update({i: self._run(cfgs[i]) for i in range(len(cfgs)) if i not in results})
         return [results[i] for i in range(len(cfgs))]

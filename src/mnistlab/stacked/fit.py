@@ -182,9 +182,10 @@ def member_nets(cfgs: list[DictConfig]) -> list:
     return nets
 
 
-def train_group(cfgs: list[DictConfig], result_files: list[Path], root: Path) -> float:
-    """Train the trials of `cfgs` (one group_key, all stackable) in one Lightning fit; member i's results go to
-    result_files[i] (torch.save). Returns the fit's seconds."""
+def train_group(cfgs: list[DictConfig], result_files: list[Path], root: Path, parallel: int = 1) -> float:
+    """Train the trials of `cfgs` (one group_key, all stackable) in one Lightning fit, with cores / `parallel` torch
+    threads (the stacks running at once); member i's results go to result_files[i] (torch.save). Returns the fit's
+    seconds."""
     import hydra
 
     from mnistlab.cluster import lightning_plugins
@@ -197,7 +198,7 @@ def train_group(cfgs: list[DictConfig], result_files: list[Path], root: Path) ->
     order = sorted(range(len(cfgs)), key=lambda i: optimizer_rule(_plain(cfgs[i].optimizer))[0])  # rules contiguous
     cfgs, result_files = [cfgs[i] for i in order], [result_files[i] for i in order]
     c0 = cfgs[0]
-    configure_threads(c0.num_threads, 1)
+    configure_threads(c0.num_threads, parallel)
     torch.set_flush_denormal(bool(c0.flush_denormal))
     opts = [_plain(c.optimizer) for c in cfgs]
     nets = member_nets(cfgs)

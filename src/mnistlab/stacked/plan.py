@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from mnistlab.stacked.fit import group_key, stack_problem
 
@@ -25,12 +25,40 @@ def member_cap(max_members: int, mem_per_member_mb: float) -> int:
     return max(1, min(max_members, by_memory))
 
 
-def plan(cfgs: list[DictConfig], max_members: int, mem_per_member_mb: float) -> tuple[list[list[int]], list[int]]:
-    """(stacks as lists of indices into cfgs, indices trained one at a time)."""
+def reused_run(cfg: DictConfig, root) -> str | None:
+    """The FINISHED run this trial's job will copy instead of training (reuse_finished, tracking/resume.py), or None:
+    a re-run study stacks only the trials it still has to train."""
+    if not (cfg.get("reuse_finished") and cfg.logger.enabled):
+        return None
+    import json
+
+    from mlflow import MlflowClient
+
+    from mnistlab.data.preprocess import META_NAME
+    from mnistlab.paths import resolve
+    from mnistlab.tracking.resume import config_hash, find_finished
+    from mnistlab.tracking.store import open_store
+
+    meta = json.loads((resolve(cfg.data.processed_dir, root) / META_NAME).read_text())
+    uri, exp_id = open_store(cfg.paths.mlruns_dir, cfg.logger.tracking_uri, cfg.logger.experiment_name, root)
+    task_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # the config the job's task gets
+    run = find_finished(MlflowClient(uri), exp_id, config_hash(task_cfg, meta["data_checksum"]))
+    return run.info.run_id if run else None
+
+
+def plan(cfgs: list[DictConfig], max_members: int, mem_per_member_mb: float, root,
+         workers: int = 1) -> tuple[list[list[int]], list[int]]:
+    """(stacks as lists of indices into cfgs, indices run one at a time: unstackable, or reused as they are). A group
+    is split into at least `workers` stacks (the stack processes run at once), of at least 2 members."""
     cap = member_cap(max_members, mem_per_member_mb)
     alone: list[int] = []
     by_key: dict[str, list[int]] = {}
     for i, cfg in enumerate(cfgs):
+        reused = reused_run(cfg, root)
+        if reused:
+            log.info("trial %s is not stacked: its job reuses FINISHED run %s (reuse_finished)", cfg.hydra.job.num, reused)
+            alone.append(i)
+            continue
         why = stack_problem(cfg)
         if why:
             log.info("trial %s trains on its own, not stacked: %s", cfg.hydra.job.num, why)
@@ -39,7 +67,7 @@ def plan(cfgs: list[DictConfig], max_members: int, mem_per_member_mb: float) -> 
             by_key.setdefault(group_key(cfg), []).append(i)
     groups = []
     for members in by_key.values():
-        n = -(-len(members) // cap)  # as few stacks as the cap allows, of even sizes
+        n = max(-(-len(members) // cap), min(workers, len(members) // 2))  # few stacks, even sizes, every worker busy
         groups += [members[k::n] for k in range(n)]
     for g in groups:
         if len(g) == 1:
