@@ -2,8 +2,9 @@
 launcher=stacked, in one run of this script on real MNIST, against the trials' bare compute floor.
 
   joblib   launcher=joblib hydra.launcher.n_jobs=2: one process per trial, 2 at a time, 1 torch thread each
-  stacked  launcher=stacked: compatible trials (same batch size: 3 stacks of 12) trained as one stacked model each,
-           torch threads = cores; each trial still its own job dir, MLflow child run, checkpoint and report row
+  stacked  launcher=stacked: compatible trials (same batch size: 6 stacks of 6) trained as one stacked model each,
+           2 stacks at a time in their own processes, 1 torch thread each (hydra.launcher.n_jobs: one per core);
+           each trial still its own job dir, MLflow child run, checkpoint and report row
 Both run `python -m mnistlab.train sweep=optimizers ...` as a subprocess into their own temp store and sweep dir,
 with the study's defaults (MLflow, plots, checkpoints and models on).
 
@@ -11,7 +12,8 @@ with the study's defaults (MLflow, plots, checkpoints and models on).
               flushed) at its optimizer and batch size with 1 thread, x epochs, summed over the trials and divided by the
               cores: the wall time of the study's arithmetic at the same total thread count (cores x 1 thread)
   ratio       wall(joblib) / wall(stacked)
-  step time   one stacked forward+backward+update (StackedMLP + StackedOptimizer, rmsprop, batch 128, threads = cores)
+  step time   one stacked forward+backward+update (StackedMLP + StackedOptimizer, rmsprop, batch 128, threads = cores;
+              a stack of the study runs with cores / stacks-at-once threads)
               at 1, 4 and 12 members, and what one member adds to the resident memory (12 members vs 1)
 
     .venv/bin/python benchmarks/sweep_speed.py                # full: the 36-trial study twice, ~10 minutes on 2 cores
@@ -155,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="mnistlab-sweep-speed-"))
     try:
         results = [run_study("joblib", ["launcher=joblib", "hydra.launcher.n_jobs=2"], max(1, cores // 2), data_dir, tmp, overrides),
-                   run_study("stacked", ["launcher=stacked"], cores, data_dir, tmp, overrides)]
+                   run_study("stacked", ["launcher=stacked"], max(1, cores // 2), data_dir, tmp, overrides)]
     finally:
         if args.keep:
             print(f"kept: {tmp}")

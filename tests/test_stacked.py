@@ -15,9 +15,8 @@ from test_sweep import LAUNCHERS, _csv, _multirun, _store
 # Tolerance of the per-epoch val/acc and the test/acc, stacked vs one by one: 1e-6, i.e. equal as float32 counts over
 # 100 val / 200 test images. Each member's weights are bit-identical to its ordinary run's with the same torch thread
 # count (the forward is nn.Linear's addmm per member; the updates round as torch.optim's;
-# test_updates_are_bitwise_torch_optim). A stack runs with cores / (stacks at once) threads, so the reference is the
-# launcher with the same threads per trial: 12 trials make 2 stacks of 6 at once on 2 cores, 1 thread each, as
-# launcher=joblib's trials; a lone stack of 2 gets both cores, as launcher=basic's. (With other thread counts the gemm
+# test_updates_are_bitwise_torch_optim). Stacks run hydra.launcher.n_jobs at once (one per core), each with cores / n_jobs
+# threads, so the reference is launcher=joblib with n_jobs=2: the same threads per trial. (With other thread counts the gemm
 # splits differently and results agree only up to rounding, which RMSprop at lr 0.1 amplifies: val/acc 0.28 vs 0.29
 # seen.) Only the training loss, a per-member mean instead of nll_loss's own mean, may differ in its last float32 bit,
 # hence LOSS_RTOL for train/loss, train/loss_step and val/loss.
@@ -121,11 +120,11 @@ def test_diverging_member_fails_alone_and_adam_falls_back(tmp_path, processed_di
     """sgd lr=1e30 in a stack with sgd lr=0.01: that trial FAILED with the guard's reason, the other FINISHED with its
     one-by-one values; adam cannot be stacked: trained on its own (said in the log); one parent, the report lists all."""
     proc = _multirun(tmp_path / "stacked", processed_dir, ["optimizer=sgd,adam", "optimizer.lr=1e30,0.01"],
-                     ["launcher=stacked"])
+                     ["launcher=stacked", "hydra.launcher.n_jobs=2"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "trains on its own, not stacked: optimizer adam (torch.optim.Adam) has no stacked update" in proc.stdout + proc.stderr
     assert "launcher=stacked: 2 trials in 1 stack(s) of [2], 2 on their own" in proc.stdout + proc.stderr
-    ref = _multirun(tmp_path / "basic", processed_dir, ["optimizer=sgd", "optimizer.lr=1e30,0.01"], LAUNCHERS["basic"])
+    ref = _multirun(tmp_path / "joblib", processed_dir, ["optimizer=sgd", "optimizer.lr=1e30,0.01"], LAUNCHERS["joblib"])
     assert ref.returncode == 0, ref.stderr[-3000:]
 
     client, (parent,), children = _store(tmp_path / "stacked")
@@ -138,7 +137,7 @@ def test_diverging_member_fails_alone_and_adam_falls_back(tmp_path, processed_di
     rows = {(r["optimizer"], float(r["lr"])): r for r in _csv(tmp_path / "stacked" / "reports" / "sweep.csv")}
     assert len(rows) == 4 and rows[("sgd", 1e30)]["status"] == "FAILED" and rows[("sgd", 0.01)]["status"] == "FINISHED"
 
-    rc, _, ref_runs = _store(tmp_path / "basic")
+    rc, _, ref_runs = _store(tmp_path / "joblib")
     (alone,) = [r for r in ref_runs if r.data.params["lr"] == "0.01"]
     ok = by[("sgd", 0.01)]
     assert ok.info.status == "FINISHED"

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 from hydra.core.singleton import Singleton
 from hydra._internal.core_plugins.basic_launcher import BasicLauncher
-from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
+from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, setup_globals
 from hydra_plugins.hydra_joblib_launcher.joblib_launcher import JoblibLauncher
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher
 from omegaconf import open_dict
@@ -121,11 +121,50 @@ class CappedLocalLauncher(LocalLauncher):
         return results
 
 
+def _stack_worker(cfgs, jobs, files: list[Path], root: Path, parallel: int, hydra_context, config, task_function,
+                  singleton_state) -> list[JobReturn]:
+    """In a stack process: train the stack (mnistlab.stacked.fit), then run each member's Hydra job as joblib's
+    workers do (execute_job: run_job with the normal task function), which adopts the member's results from its file;
+    if the stack's fit raised (e.g. out of memory), each member trains on its own instead, said in the log."""
+    from hydra_plugins.hydra_joblib_launcher._core import execute_job
+
+    from mnistlab.stacked.adopt import RESULT_ENV
+    from mnistlab.stacked.fit import train_group
+
+    setup_globals()
+    configure_log(config.hydra.hydra_logging, config.hydra.verbose)  # a fresh process: the parent's log format
+    nums = [num for num, _ in jobs]
+    try:
+        seconds = train_group(cfgs, files, root, parallel)
+        log.info("stacked fit of trials %s: %.1fs", nums, seconds)
+        stacked = True
+    except Exception as e:
+        log.error("stacked fit of trials %s failed (%s: %s); training them one at a time", nums, type(e).__name__,
+                  str(e)[-2000:])
+        stacked = False
+    out = []
+    for (num, overrides), file in zip(jobs, files):
+        if stacked:
+            os.environ[RESULT_ENV] = str(file)
+        try:
+            out.append(execute_job(num, overrides, hydra_context, config, task_function, singleton_state))
+        finally:
+            os.environ.pop(RESULT_ENV, None)
+            file.unlink(missing_ok=True)
+    return out
+
+
+def _one_job(job: tuple[int, list[str]], hydra_context, config, task_function, singleton_state) -> list[JobReturn]:
+    """A trial that is not stacked, in a stack process: Hydra's joblib worker function."""
+    from hydra_plugins.hydra_joblib_launcher._core import execute_job
+
+    return [execute_job(*job, hydra_context, config, task_function, singleton_state)]
+
+
 class StackedLauncher(BasicLauncher):
-    """launcher=stacked: compatible trials trained together in one fit per stack (mnistlab.stacked), n_jobs stacks at
-    once in their own processes; then each member's job runs through Hydra's run_job with the normal task function,
-    which adopts the member's results; the others one at a time through the same run_job, as launcher=basic runs
-    them."""
+    """launcher=stacked: compatible trials trained together, one fit per stack (mnistlab.stacked), n_jobs stacks at
+    once, each in its own process (loky, as joblib's launcher), where each member's Hydra job then runs and adopts
+    its results; trials that cannot be stacked run one per process through the same run_job, as joblib runs them."""
 
     def __init__(self, max_members: int, mem_per_member_mb: float, n_jobs: int, mem_per_trial_gb: float) -> None:
         super().__init__()
@@ -133,67 +172,47 @@ class StackedLauncher(BasicLauncher):
         self.n_jobs, self.mem_per_trial_gb = n_jobs, mem_per_trial_gb
 
     def _compose(self, overrides: Sequence[str], num: int):
-        """The job's config as BasicLauncher.launch composes it."""
+        """The job's config as Hydra's launchers compose it."""
         cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
         with open_dict(cfg):
-            cfg.hydra.job.id = num
             cfg.hydra.job.num = num
         return cfg
 
-    def _run(self, cfg, result: Path | None = None) -> JobReturn:
-        from mnistlab.stacked.adopt import RESULT_ENV
-
-        if result is not None:
-            os.environ[RESULT_ENV] = str(result)
-        try:
-            ret = run_job(hydra_context=self.hydra_context, task_function=self.task_function, config=cfg,
-                          job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
-        finally:
-            os.environ.pop(RESULT_ENV, None)
-            if result is not None:
-                result.unlink(missing_ok=True)
-        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
-        return ret
-
-    def _fit_stacks(self, cfgs, groups: list[list[int]], root: Path, workers: int) -> dict[int, Path]:
-        """Train the stacks, `workers` at a time, each in its own process (loky: a worker that dies fails its
-        stack, not the sweep); {trial index: its result file} for the stacks that trained, the rest train alone."""
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from joblib.externals.loky import ProcessPoolExecutor
 
-        from mnistlab.stacked.fit import train_group
-
-        files = {i: Path(str(cfgs[i].hydra.sweep.dir)) / str(cfgs[i].hydra.sweep.subdir) / RESULT_FILE
-                 for g in groups for i in g}
-        done: dict[int, Path] = {}
-        executor = ProcessPoolExecutor(max_workers=workers)
-        try:
-            futures = [executor.submit(train_group, [cfgs[i] for i in g], [files[i] for i in g], root, workers)
-                       for g in groups]
-            for group, future in zip(groups, futures):
-                nums = [cfgs[i].hydra.job.num for i in group]
-                try:
-                    seconds = future.result()
-                except Exception as e:  # e.g. out of memory: its trials still train, one at a time
-                    log.error("stacked fit of trials %s failed (%s: %s); training them one at a time", nums,
-                              type(e).__name__, str(e)[-2000:])
-                    continue
-                log.info("stacked fit of trials %s: %.1fs", nums, seconds)
-                done.update({i: files[i] for i in group})
-        finally:  # after Ctrl-C or SIGTERM too: no stack process outlives the sweep
-            executor.shutdown(wait=True, kill_workers=True)
-        return done
-
-    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from mnistlab.launching import available_cores, trial_capacity
+        from mnistlab.launching import PARALLEL_ENV, available_cores, death_reason, trial_capacity
         from mnistlab.paths import root_of
         from mnistlab.stacked.plan import plan
 
         _announce(self, job_overrides, initial_job_idx)
-        cfgs = [self._compose(o, initial_job_idx + i) for i, o in enumerate(job_overrides)]
+        jobs = [(initial_job_idx + i, list(o)) for i, o in enumerate(job_overrides)]
+        cfgs = [self._compose(o, num) for num, o in jobs]
         root = root_of(cfgs[0].paths.root)
         workers = trial_capacity(available_cores() if self.n_jobs < 0 else self.n_jobs, self.mem_per_trial_gb)
         groups, alone = plan(cfgs, self.max_members, self.mem_per_member_mb, root, workers)
-        stacked = self._fit_stacks(cfgs, groups, root, min(workers, len(groups))) if groups else {}
-        results = {i: self._run(cfgs[i], stacked[i]) for i in sorted(stacked)}
-        results.update({i: self._run(cfgs[i]) for i in range(len(cfgs)) if i not in results})
+        units = groups + [[i] for i in sorted(alone)]
+        workers = min(workers, len(units))
+        os.environ[PARALLEL_ENV] = str(workers)  # inherited: every trial and stack gets cores // workers threads
+        shared = (self.hydra_context, self.config, self.task_function, Singleton.get_state())
+        results: dict[int, JobReturn] = {}
+        executor = ProcessPoolExecutor(max_workers=workers)
+        try:
+            futures = []
+            for unit in units:
+                if unit in groups:
+                    files = [Path(str(cfgs[i].hydra.sweep.dir)) / str(cfgs[i].hydra.sweep.subdir) / RESULT_FILE
+                             for i in unit]
+                    futures.append(executor.submit(_stack_worker, [cfgs[i] for i in unit], [jobs[i] for i in unit],
+                                                   files, root, workers, *shared))
+                else:
+                    futures.append(executor.submit(_one_job, jobs[unit[0]], *shared))
+            for unit, future in zip(units, futures):
+                try:
+                    results.update(zip(unit, future.result()))
+                except Exception as e:  # the process died (loky's TerminatedWorkerError): its trials are DIED
+                    reason = f"{death_reason(None)} ({type(e).__name__})"
+                    results.update({i: _dead_trial(self, jobs[i][1], jobs[i][0], None, reason) for i in unit})
+        finally:  # after Ctrl-C or SIGTERM too: no stack process outlives the sweep
+            executor.shutdown(wait=True, kill_workers=True)
         return [results[i] for i in range(len(cfgs))]
