@@ -149,6 +149,9 @@ class StackedOptimizer(torch.optim.Optimizer):
                 start = i
         if len({r for r, _ in self.slices}) != len(self.slices):
             raise ValueError(f"members of one optimizer rule must be contiguous: {rules}")
+        # which optional terms each rule slice needs, decided once from the configs: no host sync per step on a GPU
+        self.terms = {sl.start: {k: any(float(o.get(k, 0) or 0) != 0 for o in opts[sl]) for k in
+                                 ("weight_decay", "momentum", "nesterov")} for _, sl in self.slices}
 
     def freeze(self, m: int) -> None:
         """Member m stops training (its loss went non-finite): zero weights and state, lr 0."""
@@ -175,7 +178,7 @@ class StackedOptimizer(torch.optim.Optimizer):
                     P, G = p[sl], p.grad[sl]
                     hv = {k: getattr(h, k)[sl].view(shape) for k in ("neg_lr", "momentum", "weight_decay", "alpha",
                                                                    "one_minus_alpha", "eps")}
-                    if bool((h.weight_decay[sl] != 0).any()):  # grad.add(param, alpha=weight_decay)
+                    if self.terms[sl.start]["weight_decay"]:  # grad.add(param, alpha=weight_decay)
                         G = torch.addcmul(G, P, hv["weight_decay"])
                     if rule == SGD:
                         self._sgd(p, state, sl, P, G, hv, h.nesterov[sl].view(shape))
@@ -192,11 +195,11 @@ class StackedOptimizer(torch.optim.Optimizer):
         """torch.optim.SGD: buf = grad on the first step (zeros * momentum + grad: the same value), then
         buf = momentum buf + grad; d = grad + momentum buf (nesterov) or buf; param -= lr d. Members without momentum
         get buf = 0 * buf + grad = grad."""
-        if bool((self.hyper.momentum[sl] != 0).any()):
+        if self.terms[sl.start]["momentum"]:
             buf = self._buffer(state, "momentum_buffer", p, sl)
             buf.mul_(hv["momentum"]).add_(G)
             d = buf
-            if bool(nesterov.any()):
+            if self.terms[sl.start]["nesterov"]:
                 d = torch.where(nesterov, torch.addcmul(G, buf, hv["momentum"]), buf)
         else:
             d = G
