@@ -268,3 +268,43 @@ def test_srun_hint_is_silenced_outside_slurm_jobs(tmp_path, processed_dir, slurm
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "The `srun` command is available" not in proc.stderr + proc.stdout
+
+
+def test_trials_starting_together_log_the_same_datasets_on_the_server(processed_dir, mlflow_server):
+    """Rounds of 8 trials of one experiment open their runs at the same instant on the PostgreSQL server, each
+    logging the same three datasets, new to the store. MLflow's store looks a dataset up, then inserts it, so they
+    collide on its unique key (a CI run lost a SLURM trial to this). Every run starts, holds the three datasets and
+    ends FINISHED."""
+    import threading
+
+    from mnistlab.data.preprocess import load_processed
+    from mnistlab.tracking.lineage import dataset_inputs
+    from mnistlab.tracking.run import TrackedRun
+    from mnistlab.tracking.store import ensure_experiment
+
+    _, meta = load_processed(processed_dir)
+    exp_id = ensure_experiment(mlflow_server, f"start-race-{time.time_ns()}", Path("unused"))
+    errors: list[str] = []
+    rounds, n = 6, 8
+    for k in range(rounds):
+        inputs = dataset_inputs({**meta, "data_checksum": f"race-{time.time_ns()}-{k}"}, "")
+        barrier = threading.Barrier(n)
+
+        def start(i: int) -> None:
+            run = TrackedRun(mlflow_server, exp_id, f"round {k} trial {i}", {}, synchronous=True, inputs=inputs)
+            barrier.wait()
+            try:
+                with run:
+                    pass
+            except Exception as e:
+                errors.append(f"{type(e).__name__}: {str(e)[:200]}")
+
+        threads = [threading.Thread(target=start, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    assert not errors, f"{len(errors)} of {rounds * n} runs failed to start: {errors[:3]}"
+    stored = MlflowClient(mlflow_server).search_runs([exp_id], max_results=1000)
+    assert len(stored) == rounds * n and {r.info.status for r in stored} == {"FINISHED"}
+    assert all(len(r.inputs.dataset_inputs) == 3 for r in stored)

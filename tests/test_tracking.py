@@ -204,3 +204,24 @@ def test_partial_test_split_still_gets_its_plots(tmp_path, processed_dir):
     (run,) = _runs(_client(tmp_path))
     assert run.info.status == "FINISHED"
     assert "misclassified.png" in {a.path for a in _client(tmp_path).list_artifacts(run.info.run_id)}
+
+
+def test_a_run_that_fails_while_starting_ends_failed_not_running(tmp_path):
+    """A run whose start fails after MLflow created it (here: a dataset input the store rejects) is closed FAILED
+    with the reason, and the error carries its id (so a sweep does not record a second, empty run)."""
+    from mlflow.entities import Dataset, DatasetInput
+    from mlflow.exceptions import MlflowException
+
+    from mnistlab.tracking.run import TrackedRun
+    from mnistlab.tracking.store import ensure_experiment
+
+    uri = default_tracking_uri(tmp_path / "mlruns")
+    exp_id = ensure_experiment(uri, "start-fails", tmp_path / "mlruns")
+    bad = DatasetInput(Dataset(name="mnist-train", digest="d" * 100, source_type="local", source="{}"))
+    run = TrackedRun(uri, exp_id, "starts", {}, synchronous=True, inputs=[bad])
+    with pytest.raises(MlflowException) as err:
+        with run:
+            pytest.fail("the body must not run")
+    (stored,) = MlflowClient(uri).search_runs([exp_id])
+    assert stored.info.run_id == err.value.mlflow_run_id == run.run_id
+    assert stored.info.status == "FAILED" and "digest" in stored.data.tags["mnistlab.error"]

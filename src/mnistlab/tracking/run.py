@@ -132,6 +132,28 @@ def status_for(exc: BaseException | None, seen: BaseException | None) -> str:
     return "FAILED"
 
 
+_UNIQUE_VIOLATION = ("UniqueViolation", "duplicate key value", "UNIQUE constraint failed")
+
+
+def log_inputs(client, run_id: str, datasets: list, attempts: int = 4) -> None:
+    """client.log_inputs, retried when another run inserted the same dataset at the same moment. MLflow's store looks
+    a dataset up and inserts it in one transaction, so two trials of one experiment starting together collide on the
+    datasets table's unique key (seen in CI: a SLURM trial FAILED with psycopg's UniqueViolation on "dataset_pk");
+    on a retry the lookup finds the other run's row."""
+    import time
+
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            client.log_inputs(run_id, datasets=datasets)
+            return
+        except MlflowException as e:
+            if attempt == attempts - 1 or not any(m in str(e) for m in _UNIQUE_VIOLATION):
+                raise
+            time.sleep(0.2 * (attempt + 1))
+
+
 class TrackedRun:
     """Context manager around one MLflow run (a single training or one sweep trial)."""
 
@@ -148,10 +170,21 @@ class TrackedRun:
         self.seen_exception: BaseException | None = None
 
     def __enter__(self) -> "TrackedRun":
-        if self.run_id is None:
+        new = self.run_id is None
+        if new:
             self.run_id = self.client.create_run(self.experiment_id, run_name=self.run_name, tags=self.tags).info.run_id
+        try:
+            self._start(new)
+        except BaseException as e:  # the run exists now: it ends FAILED (or KILLED) with the reason, never RUNNING
+            self.__exit__(type(e), e, e.__traceback__)
+            raise
+        return self
+
+    def _start(self, new: bool) -> None:
+        """What follows the run's creation (or reopening): its datasets, or the reopened run's state; system metrics."""
+        if new:
             if self.inputs:  # the run page's "Datasets used" (tracking/lineage.py)
-                self.client.log_inputs(self.run_id, datasets=self.inputs)
+                log_inputs(self.client, self.run_id, self.inputs)
         else:
             # Continue the run of this job's previous start: RUNNING again, this process's tags, its error cleared.
             from mlflow.entities import RunTag
@@ -169,7 +202,6 @@ class TrackedRun:
 
             self._monitor = SystemMetricsMonitor(self.run_id, tracking_uri=self.tracking_uri)
             self._monitor.start()
-        return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         restore_sigint()
