@@ -27,6 +27,12 @@ class NonFiniteLossError(FloatingPointError):
     """Training produced NaN/inf loss; the run is marked FAILED."""
 
 
+def non_finite_message(value, epoch: int, step: int, optimizer: dict) -> str:
+    """What a diverged run's error says (FiniteLossGuard, and each member of a stack)."""
+    return (f"Training loss became {value} at epoch {epoch}, step {step} (optimizer {optimizer.get('name')}, "
+            f"lr={optimizer.get('lr')}): the run diverged. Lower optimizer.lr or set trainer.gradient_clip_val.")
+
+
 class FiniteLossGuard(pl.Callback):
     """Stops with a clear error when the training loss is NaN/inf.
 
@@ -40,11 +46,7 @@ class FiniteLossGuard(pl.Callback):
 
     def _fail(self, trainer, value) -> None:
         opt = trainer.lightning_module.hparams.get("optimizer", {})
-        raise NonFiniteLossError(
-            f"Training loss became {value} at epoch {trainer.current_epoch}, step {trainer.global_step} "
-            f"(optimizer {opt.get('name')}, lr={opt.get('lr')}): the run diverged. Lower optimizer.lr "
-            f"or set trainer.gradient_clip_val."
-        )
+        raise NonFiniteLossError(non_finite_message(value, trainer.current_epoch, trainer.global_step, opt))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if batch_idx % self.every == 0:

@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from mnistlab.callbacks import non_finite_message
 from mnistlab.stacked.nets import StackedBatches, StackedMLP, StackedOptimizer, member_losses, optimizer_rule
 
 log = logging.getLogger("mnistlab.stacked")
@@ -114,11 +115,7 @@ class StackedModule(pl.LightningModule):
             return
         for m in bad.nonzero().flatten().tolist():
             if self.errors[m] is None:
-                o = self.opts[m]
-                self.errors[m] = (
-                    f"Training loss became {float(losses[m])} at epoch {self.current_epoch}, step {self.global_step} "
-                    f"(optimizer {o.get('name')}, lr={o.get('lr')}): the run diverged. Lower optimizer.lr "
-                    f"or set trainer.gradient_clip_val.")
+                self.errors[m] = non_finite_message(float(losses[m]), self.current_epoch, self.global_step, self.opts[m])
                 self.optimizers().optimizer.freeze(m)
 
     def on_validation_epoch_start(self) -> None:

@@ -25,12 +25,11 @@ def member_cap(max_members: int, mem_per_member_mb: float) -> int:
     return max(1, min(max_members, by_memory))
 
 
-def reused_run(cfg: DictConfig, root) -> str | None:
-    """The FINISHED run this trial's job will copy instead of training (reuse_finished, tracking/resume.py), or None:
-    a re-run study stacks only the trials it still has to train."""
-    if not (cfg.get("reuse_finished") and cfg.logger.enabled):
-        return None
+def _finished_run_finder(root):
+    """A function trial config -> the FINISHED run its job will copy instead of training (reuse_finished,
+    tracking/resume.py), or None. The data checksum and each store are read once per sweep, not once per trial."""
     import json
+    from functools import cache
 
     from mlflow import MlflowClient
 
@@ -39,11 +38,24 @@ def reused_run(cfg: DictConfig, root) -> str | None:
     from mnistlab.tracking.resume import config_hash, find_finished
     from mnistlab.tracking.store import open_store
 
-    meta = json.loads((resolve(cfg.data.processed_dir, root) / META_NAME).read_text())
-    uri, exp_id = open_store(cfg.paths.mlruns_dir, cfg.logger.tracking_uri, cfg.logger.experiment_name, root)
-    task_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # the config the job's task gets
-    run = find_finished(MlflowClient(uri), exp_id, config_hash(task_cfg, meta["data_checksum"]))
-    return run.info.run_id if run else None
+    @cache
+    def checksum(processed_dir: str) -> str:
+        return json.loads((resolve(processed_dir, root) / META_NAME).read_text())["data_checksum"]
+
+    @cache
+    def store(mlruns_dir: str, tracking_uri: str | None, experiment: str):
+        uri, exp_id = open_store(mlruns_dir, tracking_uri, experiment, root)
+        return MlflowClient(uri), exp_id
+
+    def reused_run(cfg: DictConfig) -> str | None:
+        if not (cfg.get("reuse_finished") and cfg.logger.enabled):
+            return None
+        client, exp_id = store(cfg.paths.mlruns_dir, cfg.logger.tracking_uri, cfg.logger.experiment_name)
+        task_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # the config the job's task gets
+        run = find_finished(client, exp_id, config_hash(task_cfg, checksum(cfg.data.processed_dir)))
+        return run.info.run_id if run else None
+
+    return reused_run
 
 
 def plan(cfgs: list[DictConfig], max_members: int, mem_per_member_mb: float, root,
@@ -51,10 +63,11 @@ def plan(cfgs: list[DictConfig], max_members: int, mem_per_member_mb: float, roo
     """(stacks as lists of indices into cfgs, indices run one at a time: unstackable, or reused as they are). A group
     is split into at least `workers` stacks (the stack processes run at once), of at least 2 members."""
     cap = member_cap(max_members, mem_per_member_mb)
+    reused_run = _finished_run_finder(root)
     alone: list[int] = []
     by_key: dict[str, list[int]] = {}
     for i, cfg in enumerate(cfgs):
-        reused = reused_run(cfg, root)
+        reused = reused_run(cfg)
         if reused:
             log.info("trial %s is not stacked: its job reuses FINISHED run %s (reuse_finished)", cfg.hydra.job.num, reused)
             alone.append(i)
