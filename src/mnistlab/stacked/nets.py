@@ -225,9 +225,9 @@ class StackedBatches:
     """Each member's training batches, as its ordinary run's DeviceBatches gives them for its seed: [M, B, in], [M, B].
 
     The members' permutations come from the same (seed, epoch)-seeded CPU generators; rows are gathered a chunk at a
-    time with one index_select for all members (~8k rows in all, like DeviceBatches), then sliced as views."""
+    time with one index_select for all members (~1k rows in all, like DeviceBatches), then sliced as views."""
 
-    CHUNK_ROWS = 8192
+    CHUNK_ROWS = 1024
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seeds: list[int], epoch_fn):
         self.x, self.y, self.batch_size, self.seeds, self.epoch_fn = x, y, batch_size, seeds, epoch_fn
