@@ -77,6 +77,21 @@ def test_resume_after_interrupt_continues_from_the_saved_epoch(tmp_path, process
     assert resumed["test/loss"] == pytest.approx(straight["test/loss"], rel=1e-6)
 
 
+@pytest.mark.parametrize("first, then", [("trainer.gradient_clip_val=1.0", "trainer.gradient_clip_val=null"),
+                                         ("trainer.gradient_clip_val=null", "trainer.gradient_clip_val=1.0")],
+                         ids=["automatic-then-manual", "manual-then-automatic"])
+def test_a_resume_across_optimization_modes_keeps_counting_steps(tmp_path, processed_dir, first, then):
+    """Gradient clipping runs Lightning's automatic loop, everything else the manual step; they count global_step in
+    different progress trackers. A run resumed in the other mode goes on from the checkpoint's step (MLflow's step
+    axis), not from 0."""
+    last = tmp_path / "out" / "checkpoints" / "last.ckpt"
+    train(compose(fast_overrides(tmp_path, processed_dir, epochs=1) + ["logger=none", first]))
+    one_epoch = torch.load(last, weights_only=True)["global_step"]
+    assert one_epoch > 0
+    train(compose(fast_overrides(tmp_path, processed_dir, epochs=2) + ["logger=none", then, f"ckpt_path={last}"]))
+    assert torch.load(last, weights_only=True)["global_step"] == 2 * one_epoch
+
+
 def test_cli_resume_takes_the_runs_own_overrides_and_the_command_lines_win(tmp_path, processed_dir):
     """README's `python -m mnistlab.train ckpt_path=<last.ckpt>` on a momentum run: it resumes as momentum (the
     default rmsprop would fail on momentum's optimizer state), with trainer.max_epochs from the command line."""

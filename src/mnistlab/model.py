@@ -12,6 +12,7 @@ automatic loop (use_automatic_optimization)."""
 
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import Any
 
@@ -123,6 +124,20 @@ class MnistMLP(pl.LightningModule):
 
     def on_train_start(self) -> None:
         self._lightning_step = self.automatic_optimization or needs_lightning_step(self.trainer)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resuming across optimization modes (a run resumed with or without gradient clipping, or a checkpoint from
+        before the manual step): Lightning counts global_step in the automatic loop's progress OR the manual loop's,
+        and would restart it at 0 from the other one's. Copy the saved count to the loop this run uses, so
+        global_step, log_every_n_steps and MLflow's step axis go on from the checkpoint's."""
+        fit = checkpoint.get("loops", {}).get("fit_loop", {})
+        auto = fit.get("epoch_loop.automatic_optimization.optim_progress", {}).get("optimizer", {}).get("step")
+        manual = fit.get("epoch_loop.manual_optimization.optim_step_progress")
+        if auto is None or manual is None:
+            return
+        used, other = (auto, manual) if self.automatic_optimization else (manual, auto)
+        if used["total"]["completed"] == 0 and other["total"]["completed"] > 0:
+            used.update(copy.deepcopy(other))
 
     def _optimize(self, loss: torch.Tensor) -> None:
         """One manual step. The direct path still counts the step where Lightning does (the LightningOptimizer's
