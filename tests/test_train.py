@@ -83,13 +83,14 @@ def test_resume_after_interrupt_continues_from_the_saved_epoch(tmp_path, process
 def test_a_resume_across_optimization_modes_keeps_counting_steps(tmp_path, processed_dir, first, then):
     """Gradient clipping runs Lightning's automatic loop, everything else the manual step; they count global_step in
     different progress trackers. A run resumed in the other mode goes on from the checkpoint's step (MLflow's step
-    axis), not from 0."""
+    axis), not from 0; switched back, it goes on from the latest count, not from the one its own mode saved before."""
     last = tmp_path / "out" / "checkpoints" / "last.ckpt"
     train(compose(fast_overrides(tmp_path, processed_dir, epochs=1) + ["logger=none", first]))
     one_epoch = torch.load(last, weights_only=True)["global_step"]
     assert one_epoch > 0
-    train(compose(fast_overrides(tmp_path, processed_dir, epochs=2) + ["logger=none", then, f"ckpt_path={last}"]))
-    assert torch.load(last, weights_only=True)["global_step"] == 2 * one_epoch
+    for epochs, mode in ((2, then), (3, first)):
+        train(compose(fast_overrides(tmp_path, processed_dir, epochs=epochs) + ["logger=none", mode, f"ckpt_path={last}"]))
+        assert torch.load(last, weights_only=True)["global_step"] == epochs * one_epoch
 
 
 def test_cli_resume_takes_the_runs_own_overrides_and_the_command_lines_win(tmp_path, processed_dir):

@@ -128,15 +128,15 @@ class MnistMLP(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Resuming across optimization modes (a run resumed with or without gradient clipping, or a checkpoint from
         before the manual step): Lightning counts global_step in the automatic loop's progress OR the manual loop's,
-        and would restart it at 0 from the other one's. Copy the saved count to the loop this run uses, so
-        global_step, log_every_n_steps and MLflow's step axis go on from the checkpoint's."""
+        and would restart it at 0 (or, after two switches, at an older count) from the other one's. The larger saved
+        count goes to the loop this run uses, so global_step, log_every_n_steps and MLflow's step axis go on."""
         fit = checkpoint.get("loops", {}).get("fit_loop", {})
         auto = fit.get("epoch_loop.automatic_optimization.optim_progress", {}).get("optimizer", {}).get("step")
         manual = fit.get("epoch_loop.manual_optimization.optim_step_progress")
         if auto is None or manual is None:
             return
         used, other = (auto, manual) if self.automatic_optimization else (manual, auto)
-        if used["total"]["completed"] == 0 and other["total"]["completed"] > 0:
+        if other["total"]["completed"] > used["total"]["completed"]:
             used.update(copy.deepcopy(other))
 
     def _optimize(self, loss: torch.Tensor) -> None:
