@@ -12,6 +12,12 @@ from mnistlab.data.preprocess import load_processed, unsplit
 PIXEL_MAX = 255.0
 
 
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The training order of one epoch: a CPU generator seeded by (seed, epoch), so the order is the same on CPU and
+    GPU, after a resume, and for a stacked member of the same seed (stacked/nets.py)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+
+
 class DeviceBatches:
     """Iterable of (x, y) batches sliced from tensors already on the device.
 
@@ -28,8 +34,7 @@ class DeviceBatches:
     def _indices(self) -> torch.Tensor:
         n = self.y.shape[0]
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100003 + int(self.epoch_fn()))
-            idx = torch.randperm(n, generator=g)
+            idx = epoch_permutation(n, self.seed, int(self.epoch_fn()))
         else:
             idx = torch.arange(n)
         return idx[self.rank :: self.world_size].to(self.y.device)

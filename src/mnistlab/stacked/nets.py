@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mnistlab.data.datamodule import DeviceBatches, epoch_permutation
+
 # Optimizer families that can be stacked: name of the optimizer config's _target_ -> rule.
 SGD, RMSPROP, RMSPROP_MOMENTUM, KERAS = "sgd", "rmsprop", "rmsprop_momentum", "rmsprop_keras"
 TARGETS = {"torch.optim.SGD": SGD, "torch.optim.RMSprop": RMSPROP, "mnistlab.optim.KerasRMSprop": KERAS}
@@ -227,7 +229,7 @@ class StackedBatches:
     The members' permutations come from the same (seed, epoch)-seeded CPU generators; rows are gathered a chunk at a
     time with one index_select for all members (~1k rows in all, like DeviceBatches), then sliced as views."""
 
-    CHUNK_ROWS = 1024
+    CHUNK_ROWS = DeviceBatches.CHUNK_ROWS
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seeds: list[int], epoch_fn):
         self.x, self.y, self.batch_size, self.seeds, self.epoch_fn = x, y, batch_size, seeds, epoch_fn
@@ -237,7 +239,7 @@ class StackedBatches:
 
     def indices(self) -> torch.Tensor:
         n, epoch = self.y.shape[0], int(self.epoch_fn())
-        perms = [torch.randperm(n, generator=torch.Generator().manual_seed(s * 100003 + epoch)) for s in self.seeds]
+        perms = [epoch_permutation(n, s, epoch) for s in self.seeds]
         return torch.stack(perms).to(self.y.device)
 
     def __iter__(self):
