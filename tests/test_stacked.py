@@ -72,6 +72,38 @@ def test_updates_are_bitwise_torch_optim():
         assert all(torch.equal(mine[k], v) for k, v in net.state_dict().items()), f"member {m} ({opts[m]})"
 
 
+def test_members_of_one_seed_share_their_batches_and_one_wide_gemm():
+    """A stack of one seed gets each batch once ([B, in], as each member's DeviceBatches order gives it) and computes
+    the first layer as one gemm over all members: with 1 thread, the losses and gradients equal the per-member path's
+    bitwise for the book's 512-wide layer (other widths, e.g. 64, pick other gemm blockings here: equal up to float
+    rounding, as for a deeper net below). A stack of mixed seeds gets one batch per member."""
+    from mnistlab.data.datamodule import DeviceBatches
+    from mnistlab.model import build_mlp
+    from mnistlab.stacked.nets import StackedBatches, StackedMLP, member_losses
+
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.rand(300, 784, generator=gen), torch.randint(0, 10, (300,), generator=gen)
+    shared = list(StackedBatches(x, y, 32, [7, 7, 7], lambda: 2))
+    mixed = list(StackedBatches(x, y, 32, [7, 8, 7], lambda: 2))
+    alone = {s: list(DeviceBatches(x, y, 32, shuffle=True, seed=s, epoch_fn=lambda: 2)) for s in (7, 8)}
+    assert len(shared) == len(mixed) == len(alone[7]) == 10
+    for (xs, ys), (xm, ym), (x7, y7), (x8, y8) in zip(shared, mixed, alone[7], alone[8]):
+        assert xs.shape == x7.shape and torch.equal(xs, x7) and ys.shape == (3, len(y7)) and bool((ys == y7).all())
+        assert torch.equal(xm, torch.stack([x7, x8, x7])) and torch.equal(ym, torch.stack([y7, y8, y7]))
+    for hidden, bitwise in (([512], True), ([64, 32], False)):
+        torch.manual_seed(0)
+        stack = StackedMLP([build_mlp(784, hidden, 10, "relu", 0.0) for _ in range(4)])
+        grads = []
+        for xb in (x[:32], x[:32].expand(4, 32, 784)):
+            stack.zero_grad()
+            losses = member_losses(stack(xb), y[:32].expand(4, 32))
+            losses.sum().backward()
+            grads.append([losses.detach()] + [p.grad.clone() for p in stack.parameters()])
+        for wide, per_member in zip(*grads):
+            assert torch.equal(wide, per_member) if bitwise else torch.allclose(wide, per_member, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.slow
 def test_stacked_trials_equal_their_one_by_one_runs(tmp_path, processed_dir):
     """12 trials (sgd, momentum, rmsprop x 2 lrs x 2 seeds) stacked and with launcher=joblib: per trial, every epoch's

@@ -81,7 +81,10 @@ def plan(cfgs: list[DictConfig], max_members: int, mem_per_member_mb: float, roo
     groups = []
     for members in by_key.values():
         n = max(-(-len(members) // cap), min(workers, len(members) // 2))  # few stacks, even sizes, every worker busy
-        groups += [members[k::n] for k in range(n)]
+        # seed-major order, cut in n near-equal runs: members of one seed share their batches (StackedBatches), and a
+        # stack with one seed trains its first layer as one wide gemm (StackedMLP.forward)
+        members = sorted(members, key=lambda i: int(cfgs[i].seed))
+        groups += [members[k * len(members) // n:(k + 1) * len(members) // n] for k in range(n)]
     for g in groups:
         if len(g) == 1:
             log.info("trial %s trains on its own: no other trial shares its data, model and trainer settings",
