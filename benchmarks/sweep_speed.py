@@ -103,7 +103,8 @@ def measure_floor(data_dir: Path, trials, epochs: int, cores: int, quick: bool) 
 
 
 def stacked_steps(cores: int, quick: bool) -> dict:
-    """ms per stacked training step (rmsprop, batch 128) at 1, 4 and 12 members, and resident MB per member."""
+    """ms per stacked training step (rmsprop, batch 128) at 1, 4 and 12 members, each member its own batch (members
+    of different seeds) and one batch for all (one seed: the wide first-layer gemm), and resident MB per member."""
     import torch
 
     from mnistlab.model import build_mlp
@@ -111,24 +112,26 @@ def stacked_steps(cores: int, quick: bool) -> dict:
 
     torch.set_num_threads(cores)
     opt_cfg = {"_target_": "torch.optim.RMSprop", "lr": 1e-3, "alpha": 0.9, "eps": 1e-7}
-    out, rss = {}, {}
+    out, shared, rss = {}, {}, {}
     for m in (1, 4, 12):
         stack = StackedMLP([build_mlp(784, [512], 10, "relu", 0.0) for _ in range(m)])
         opt = StackedOptimizer(stack.parameters(), ["rmsprop"] * m, [opt_cfg] * m)
         x, y = torch.rand(m, 128, 784), torch.randint(0, 10, (m, 128))
         steps = 5 if quick else 100
-        for i in range(steps + 5):
-            if i == 5:
-                t0 = time.perf_counter()
-            opt.zero_grad()
-            member_losses(stack(x), y).sum().backward()
-            opt.step()
-        out[m] = (time.perf_counter() - t0) / steps * 1000
+        for into, batch in ((out, x), (shared, x[0])):
+            for i in range(steps + 5):
+                if i == 5:
+                    t0 = time.perf_counter()
+                opt.zero_grad()
+                member_losses(stack(batch), y).sum().backward()
+                opt.step()
+            into[m] = (time.perf_counter() - t0) / steps * 1000
         rss[m] = rss_now_mb()
-        print(f"  stacked step, {m:>2} members: {out[m]:.2f} ms ({out[m] / m:.2f} ms per member)", flush=True)
+        print(f"  stacked step, {m:>2} members: {out[m]:.2f} ms ({out[m] / m:.2f} ms per member); one shared batch "
+              f"{shared[m]:.2f} ms ({shared[m] / m:.2f} per member)", flush=True)
         del stack, opt, x, y
     per_member = (rss[12] - rss[1]) / 11 if rss[1] is not None else None
-    return {"ms_per_step": out, "rss_mb_per_member": per_member}
+    return {"ms_per_step": out, "ms_per_step_shared_batch": shared, "rss_mb_per_member": per_member}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ratio joblib/stacked: {ratio:.2f}x (target >= 1.4x on the 36-trial study)")
     print(f"stacks: {'; '.join(by['stacked']['stacks'])}")
     print("stacked step, batch 128: " + ", ".join(f"{m} members {t:.2f} ms" for m, t in steps["ms_per_step"].items())
+          + "; one shared batch: " + ", ".join(f"{t:.2f}" for t in steps["ms_per_step_shared_batch"].values()) + " ms"
           + (f"; one member adds ~{steps['rss_mb_per_member']:.1f} MB resident" if steps["rss_mb_per_member"] else ""))
     if args.quick:
         print("QUICK MODE: 5-batch trials are all overhead; the numbers mean nothing. Run without --quick.")

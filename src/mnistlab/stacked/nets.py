@@ -119,15 +119,13 @@ def member_losses(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Hyper:
-    """Per-member hyperparameters, float32 [M] tensors (the values torch.optim's kernels cast their Python floats to)."""
+    """Per-member SGD hyperparameters, float32 [M] tensors (the values torch.optim's kernels cast their Python floats
+    to), broadcast over the stacked SGD slice in one op each."""
 
     neg_lr: torch.Tensor
     momentum: torch.Tensor
     nesterov: torch.Tensor  # bool
     weight_decay: torch.Tensor
-    alpha: torch.Tensor
-    one_minus_alpha: torch.Tensor
-    eps: torch.Tensor
 
     @classmethod
     def of(cls, opts: list[dict]) -> "Hyper":
@@ -139,9 +137,6 @@ class Hyper:
             momentum=t([float(o.get("momentum", 0.0) or 0.0) for o in opts]),
             nesterov=t([bool(o.get("nesterov", False)) for o in opts], torch.bool),
             weight_decay=t([float(o.get("weight_decay", 0.0) or 0.0) for o in opts]),
-            alpha=t([float(o.get("alpha", 0.0)) for o in opts]),
-            one_minus_alpha=t([1.0 - float(o.get("alpha", 0.0)) for o in opts]),  # in double, as `value=1 - alpha`
-            eps=t([float(o.get("eps", 0.0)) for o in opts]),
         )
 
     def to(self, device) -> "Hyper":
@@ -149,16 +144,21 @@ class Hyper:
 
 
 class StackedOptimizer(torch.optim.Optimizer):
-    """Per-member SGD (momentum, nesterov, weight decay), torch RMSprop (with or without momentum) and Keras RMSprop, as a
-    few tensor ops per parameter and rule. The members of one rule are a contiguous slice (the caller orders them), so
-    each rule updates views of the stacked tensors in place.
+    """Per-member SGD (momentum, nesterov, weight decay), torch RMSprop (with or without momentum) and Keras RMSprop.
+    The members of one rule are a contiguous slice (the caller orders them). SGD updates its slice with a few
+    broadcast tensor ops per parameter; the RMSprop family runs torch.optim's own single-tensor ops per member with
+    Python-float hyperparameters (as exact as torch.optim by construction, and no host sync on a GPU): broadcasting
+    [M,1,1] hyperparameter tensors needs temporaries (grad * (1 - alpha), grad * -lr), which made 2 members' W1
+    update 2.8 ms against 1.1 ms per member (1 thread, this CPU); SGD's broadcast ops cost the same either way.
 
-    A frozen member (freeze()) gets lr 0 and finite zero weights: its updates are exactly zero, no mask per step."""
+    A frozen member (freeze()) stops: lr 0 in the SGD slice, skipped in the per-member updates, weights and state
+    zeroed (finite: its loss stays finite), no mask per step."""
 
     def __init__(self, params, rules: list[str], opts: list[dict]):
         super().__init__(list(params), {})
-        self.rules = rules
+        self.rules, self.opts = rules, opts
         self.hyper = Hyper.of(opts)
+        self.frozen: set[int] = set()
         self.slices: list[tuple[str, slice]] = []
         start = 0
         for i in range(1, len(rules) + 1):
@@ -167,13 +167,14 @@ class StackedOptimizer(torch.optim.Optimizer):
                 start = i
         if len({r for r, _ in self.slices}) != len(self.slices):
             raise ValueError(f"members of one optimizer rule must be contiguous: {rules}")
-        # which optional terms each rule slice needs, decided once from the configs: no host sync per step on a GPU
+        # which optional terms each SGD slice needs, decided once from the configs: no host sync per step on a GPU
         self.terms = {sl.start: {k: any(float(o.get(k, 0) or 0) != 0 for o in opts[sl]) for k in
                                  ("weight_decay", "momentum", "nesterov")} for _, sl in self.slices}
 
     def freeze(self, m: int) -> None:
-        """Member m stops training (its loss went non-finite): zero weights and state, lr 0."""
+        """Member m stops training (its loss went non-finite): zero weights and state, lr 0, no more updates."""
         with torch.no_grad():
+            self.frozen.add(m)
             self.hyper.neg_lr[m] = 0.0
             for group in self.param_groups:
                 for p in group["params"]:
@@ -190,53 +191,61 @@ class StackedOptimizer(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                shape = (-1,) + (1,) * (p.dim() - 1)
                 state = self.state[p]
                 for rule, sl in self.slices:
-                    P, G = p[sl], p.grad[sl]
-                    hv = {k: getattr(h, k)[sl].view(shape) for k in ("neg_lr", "momentum", "weight_decay", "alpha",
-                                                                   "one_minus_alpha", "eps")}
-                    if self.terms[sl.start]["weight_decay"]:  # grad.add(param, alpha=weight_decay)
-                        G = torch.addcmul(G, P, hv["weight_decay"])
                     if rule == SGD:
-                        self._sgd(p, state, sl, P, G, hv, h.nesterov[sl].view(shape))
+                        self._sgd(p, state, sl, h)
                     else:
-                        self._rmsprop(p, state, sl, rule, P, G, hv)
+                        for m in range(sl.start, sl.stop):
+                            if m not in self.frozen:
+                                self._rmsprop(p, state, m, rule, self.opts[m])
 
     @staticmethod
-    def _buffer(state: dict, name: str, p: torch.Tensor, sl: slice) -> torch.Tensor:
+    def _buffer(state: dict, name: str, p: torch.Tensor) -> torch.Tensor:
         if name not in state:
             state[name] = torch.zeros_like(p)
-        return state[name][sl]
+        return state[name]
 
-    def _sgd(self, p, state, sl, P, G, hv, nesterov) -> None:
-        """torch.optim.SGD: buf = grad on the first step (zeros * momentum + grad: the same value), then
-        buf = momentum buf + grad; d = grad + momentum buf (nesterov) or buf; param -= lr d. Members without momentum
-        get buf = 0 * buf + grad = grad."""
-        if self.terms[sl.start]["momentum"]:
-            buf = self._buffer(state, "momentum_buffer", p, sl)
-            buf.mul_(hv["momentum"]).add_(G)
+    def _sgd(self, p, state, sl, h: Hyper) -> None:
+        """torch.optim.SGD: grad += weight_decay param; buf = grad on the first step (zeros * momentum + grad: the
+        same value), then buf = momentum buf + grad; d = grad + momentum buf (nesterov) or buf; param -= lr d. Members
+        without momentum get buf = 0 * buf + grad = grad."""
+        shape = (-1,) + (1,) * (p.dim() - 1)
+        P, G = p[sl], p.grad[sl]
+        terms = self.terms[sl.start]
+        if terms["weight_decay"]:  # grad.add(param, alpha=weight_decay)
+            G = torch.addcmul(G, P, h.weight_decay[sl].view(shape))
+        if terms["momentum"]:
+            momentum = h.momentum[sl].view(shape)
+            buf = self._buffer(state, "momentum_buffer", p)[sl]
+            buf.mul_(momentum).add_(G)
             d = buf
-            if self.terms[sl.start]["nesterov"]:
-                d = torch.where(nesterov, torch.addcmul(G, buf, hv["momentum"]), buf)
+            if terms["nesterov"]:
+                d = torch.where(h.nesterov[sl].view(shape), torch.addcmul(G, buf, momentum), buf)
         else:
             d = G
-        P.addcmul_(d, hv["neg_lr"])  # == param.add_(d, alpha=-lr), the same rounding (checked bitwise)
+        P.addcmul_(d, h.neg_lr[sl].view(shape))  # == param.add_(d, alpha=-lr), the same rounding (checked bitwise)
 
-    def _rmsprop(self, p, state, sl, rule, P, G, hv) -> None:
-        """torch.optim.RMSprop (eps outside the sqrt) and KerasRMSprop (eps inside), centered=False."""
-        sq = self._buffer(state, "square_avg", p, sl)
-        sq.mul_(hv["alpha"]).addcmul_(G * hv["one_minus_alpha"], G)
+    def _rmsprop(self, p, state, m: int, rule: str, opt: dict) -> None:
+        """Member m's torch.optim.RMSprop (eps outside the sqrt; _single_tensor_rmsprop, centered=False) or
+        KerasRMSprop (eps inside) step, the same ops on views of the stacked tensors."""
+        P, G = p[m], p.grad[m]
+        defaults = (0.9, 1e-7) if rule == KERAS else (0.99, 1e-8)  # KerasRMSprop's and torch.optim.RMSprop's
+        alpha, eps, lr = float(opt.get("alpha", defaults[0])), float(opt.get("eps", defaults[1])), float(opt["lr"])
+        if float(opt.get("weight_decay", 0) or 0):
+            G = G.add(P, alpha=float(opt["weight_decay"]))
+        sq = self._buffer(state, "square_avg", p)[m]
+        sq.mul_(alpha).addcmul_(G, G, value=1 - alpha)
         if rule == KERAS:
-            P.addcdiv_(G * hv["neg_lr"], sq.add(hv["eps"]).sqrt_())
+            P.addcdiv_(G, sq.add(eps).sqrt_(), value=-lr)
             return
-        avg = sq.sqrt().add_(hv["eps"])
+        avg = sq.sqrt().add_(eps)
         if rule == RMSPROP_MOMENTUM:
-            buf = self._buffer(state, "momentum_buffer", p, sl)
-            buf.mul_(hv["momentum"]).addcdiv_(G, avg)
-            P.addcmul_(buf, hv["neg_lr"])
+            buf = self._buffer(state, "momentum_buffer", p)[m]
+            buf.mul_(float(opt["momentum"])).addcdiv_(G, avg)
+            P.add_(buf, alpha=-lr)
         else:
-            P.addcdiv_(G * hv["neg_lr"], avg)
+            P.addcdiv_(G, avg, value=-lr)
 
 
 class StackedBatches:
