@@ -122,3 +122,24 @@ def test_device_batches_cover_each_sample_once_in_a_seeded_order():
     assert not torch.equal(first, torch.cat([b[1] for b in batches])), "a new epoch reshuffles"
     shards = [torch.cat([b[1] for b in DeviceBatches(x, y, 10, True, 3, lambda: 1, rank=r, world_size=2)]) for r in (0, 1)]
     assert sorted(torch.cat(shards).tolist()) == list(range(103)) and not set(shards[0].tolist()) & set(shards[1].tolist())
+
+
+
+@pytest.mark.parametrize("flush", [True, False])
+def test_every_torch_thread_of_a_run_flushes_denormals_as_configured(tmp_path, processed_dir, flush):
+    """A 2-thread train() (a fresh process, as the CLI) leaves both of torch's threads with its flush_denormal: a
+    multiply of 2^22 denormals, which torch splits between the threads, comes out all zero (flush) or all denormal.
+    The OpenMP threads copy the main thread's FTZ/DAZ when the first parallel op starts them: had any parallel op
+    run before the flush (the epoch benchmark's floor did), half would stay non-zero."""
+    import subprocess
+    import sys
+
+    overrides = fast_overrides(tmp_path, processed_dir, epochs=1) + ["num_threads=2", f"flush_denormal={flush}",
+                                                                    "logger=none"]
+    code = ("import sys, torch; sys.path.insert(0, 'tests'); from conftest import compose; "
+            f"from mnistlab.train import train; train(compose({overrides!r})); "
+            # 2^22 copies of the smallest denormal, made from its bit pattern (a float constant would be flushed)
+            "x = torch.ones((1 << 22,), dtype=torch.int32).view(torch.float32); print(int(((x * 1.0) != 0).sum()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert int(out.stdout.strip().splitlines()[-1]) == (0 if flush else 1 << 22)

@@ -50,10 +50,18 @@ def parallel_jobs(hc) -> int:
     return 1
 
 
-def configure_threads(num_threads: int | None, jobs: int) -> int:
-    """Torch intra-op threads: the configured number, else cores / parallel jobs (no oversubscription)."""
+def configure_threads(num_threads: int | None, jobs: int, flush_denormal: bool) -> int:
+    """Torch intra-op threads: the configured number, else cores / parallel jobs (no oversubscription), with denormals
+    flushed to zero or not (cfg.flush_denormal), before the process's first parallel op.
+
+    torch.set_flush_denormal sets the calling thread's FTZ/DAZ only; OpenMP's pool threads copy it when the first
+    parallel op starts them, and never again. train() calls this first, so a run's threads all flush
+    (tests/test_train.py). A process that ran a parallel op before (the epoch benchmark's floor did, until this
+    session) keeps denormals in its second thread, whose share of each epoch then slows as RMSprop's square averages
+    of never-lit pixels decay into the denormal range (benchmarks/README.md)."""
     import torch
 
+    torch.set_flush_denormal(flush_denormal)
     n = num_threads or max(1, available_cores() // jobs)
     torch.set_num_threads(n)
     return n

@@ -38,7 +38,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Validate `cfg`, train and test the MLP, write metrics.json + curves.csv, track it all in MLflow."""
     validate(cfg)
     import lightning.pytorch as pl
-    import torch
 
     from mnistlab.callbacks import EpochHistory
     from mnistlab.cluster import remember_run
@@ -53,8 +52,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     root = root_of(cfg.paths.root)
     validate_inputs(cfg, root)
     dirs = output_dirs(cfg.paths, root, hc)
-    threads = configure_threads(cfg.num_threads, parallel_jobs(hc))
-    torch.set_flush_denormal(bool(cfg.flush_denormal))
+    threads = configure_threads(cfg.num_threads, parallel_jobs(hc), bool(cfg.flush_denormal))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
     dm = MnistDataModule(

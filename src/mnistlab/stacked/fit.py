@@ -195,8 +195,7 @@ def train_group(cfgs: list[DictConfig], result_files: list[Path], root: Path, pa
     order = sorted(range(len(cfgs)), key=lambda i: optimizer_rule(_plain(cfgs[i].optimizer))[0])  # rules contiguous
     cfgs, result_files = [cfgs[i] for i in order], [result_files[i] for i in order]
     c0 = cfgs[0]
-    configure_threads(c0.num_threads, parallel)
-    torch.set_flush_denormal(bool(c0.flush_denormal))
+    configure_threads(c0.num_threads, parallel, bool(c0.flush_denormal))
     opts = [_plain(c.optimizer) for c in cfgs]
     nets = member_nets(cfgs)
     guard = (c0.callbacks or {}).get("finite_loss")
