@@ -123,6 +123,50 @@ def test_a_killed_trial_process_is_failed_and_the_sweep_goes_on(tmp_path, proces
     assert sorted(r["status"] for r in _csv(tmp_path / "reports" / "sweep.csv")) == ["FAILED", "FINISHED", "FINISHED"]
 
 
+@pytest.mark.slow
+def test_a_killed_stack_process_fails_its_trials_and_the_sweep_goes_on(tmp_path, processed_dir):
+    """`kill -9` of a launcher=stacked process in its stack's fit: its trials had no MLflow run yet (a member's run
+    opens after the fit) and vanished from MLflow. Now they are DIED in the sweep and FAILED in MLflow with the reason,
+    their params and config; the other stack's trials FINISHED, nothing RUNNING, exit 1."""
+    import psutil
+
+    args = [a for a in _sweep_args(tmp_path, processed_dir) if not a.startswith("trainer.max_epochs=")]
+    sweep = tmp_path / "multirun"
+    proc = _start(args + ["launcher=stacked", "hydra.launcher.n_jobs=2", "optimizer=sgd", "optimizer.lr=0.01,0.02",
+                          "trainer.max_epochs=2,3000", f"hydra.sweep.dir={sweep}"], cwd=PROJECT_ROOT)
+    deadline = time.monotonic() + 300  # until the 2-epoch stack's trials are done; the 3000-epoch stack still fits
+
+    def finished() -> int:
+        return sum(json.loads(f.read_text()).get("status") == "FINISHED" for f in sweep.glob("*/.mnistlab_trial.json"))
+
+    while finished() < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    for w in workers:
+        w.cpu_percent(None)
+    time.sleep(1.0)
+    busy = max(workers, key=lambda w: w.cpu_percent(None))  # the process training the 3000-epoch stack
+    busy.send_signal(signal.SIGKILL)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 1, err[-3000:]
+    assert "launcher=stacked: 4 trials in 2 stack(s) of [2, 2], 0 on their own" in out + err
+    assert "2 of 4 trials were stopped or died before they ended" in err and "SIGKILL" in err, err[-3000:]
+    runs = _runs(tmp_path / "mlruns")
+    trials = {(float(r.data.params["lr"]), int(r.data.params["max_epochs"])): r for r in runs
+              if "mlflow.parentRunId" in r.data.tags}
+    assert {k: r.info.status for k, r in trials.items()} == {
+        (0.01, 2): "FINISHED", (0.02, 2): "FINISHED", (0.01, 3000): "FAILED", (0.02, 3000): "FAILED"}
+    parent = {r.data.tags["mlflow.parentRunId"] for r in trials.values()}
+    assert len(parent) == 1
+    for key in ((0.01, 3000), (0.02, 3000)):
+        assert "SIGKILL" in trials[key].data.tags["mnistlab.error"]
+        client = MlflowClient(default_tracking_uri(tmp_path / "mlruns"))
+        assert "config.yaml" in {a.path for a in client.list_artifacts(trials[key].info.run_id)}
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    assert sorted(r["status"] for r in _csv(tmp_path / "reports" / "sweep.csv")) == ["FAILED", "FAILED", "FINISHED", "FINISHED"]
+
+
 # --- 4. parallel launchers never start more trials than the machine holds -----------------------------------------
 
 def test_trial_capacity_is_capped_by_cores_and_by_memory(caplog):

@@ -98,12 +98,21 @@ def death_reason(exitcode: int | None) -> str:
 
 def record_dead_trial(config, trial_dir: Path, pid: int | None, reason: str) -> None:
     """The dead trial's status file says DIED (sweep.mark_died; the sweep's exit code reads it) and its MLflow run
-    is FAILED."""
+    is FAILED; a trial that died before it started (no pid: a stacked member killed in its stack's fit) gets a
+    FAILED run with the reason (tracking.trial.record_unstarted_trial)."""
     from mnistlab.sweep import mark_died
 
     pid = mark_died(trial_dir, reason, pid)
     log.error("%s: %s", trial_dir, reason)
-    if pid is None or not config.logger.enabled:
+    if not config.logger.enabled:
+        return
+    if pid is None:
+        try:
+            from mnistlab.tracking.trial import record_unstarted_trial
+
+            record_unstarted_trial(config, reason)
+        except Exception as e:  # the status file still carries the verdict
+            log.warning("could not record the dead trial's FAILED MLflow run: %s", e)
         return
     try:
         from mlflow import MlflowClient

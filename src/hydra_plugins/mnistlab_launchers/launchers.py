@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -211,7 +212,8 @@ class StackedLauncher(BasicLauncher):
                 try:
                     results.update(zip(unit, future.result()))
                 except Exception as e:  # the process died (loky's TerminatedWorkerError): its trials are DIED
-                    reason = f"{death_reason(None)} ({type(e).__name__})"
+                    codes = re.search(r"exit codes of the workers are \{([^}]*)\}", str(e))  # e.g. SIGKILL(-9)
+                    reason = f"{death_reason(None)} ({type(e).__name__}{': ' + codes.group(1) if codes else ''})"
                     results.update({i: _dead_trial(self, jobs[i][1], jobs[i][0], None, reason) for i in unit})
         finally:  # after Ctrl-C or SIGTERM too: no stack process outlives the sweep
             executor.shutdown(wait=True, kill_workers=True)

@@ -158,6 +158,34 @@ def log_results(run, cfg: DictConfig, trainer, model, dm, rows: list[dict], metr
         run.log_model(net, example, [f"torch=={torch.__version__.split('+')[0]}"])
 
 
+class TrialDied(RuntimeError):
+    """A trial's process ended without a verdict of its own (SIGKILL, the out-of-memory killer)."""
+
+
+def record_unstarted_trial(cfg: DictConfig, reason: str) -> None:
+    """A sweep trial whose process died before the trial opened its run (a launcher=stacked member whose stack
+    process died in the stack's fit) still gets its run: FAILED with the reason, its params and config, so MLflow
+    holds every trial of the sweep. `cfg` is the job's composed config (its `hydra` node says sweep dir and job)."""
+    import json
+
+    from mnistlab.data.preprocess import META_NAME
+    from mnistlab.paths import resolve, root_of
+
+    root = root_of(cfg.paths.root)
+    task_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # the config the job's task gets
+    try:
+        checksum = json.loads((resolve(cfg.data.processed_dir, root) / META_NAME).read_text())["data_checksum"]
+    except (OSError, ValueError, KeyError):
+        checksum = "unknown"
+    try:
+        with open_trial_run(task_cfg, root, {"data_checksum": checksum}, cfg.hydra) as run:
+            run.log_params(curated_params(task_cfg))
+            run.log_text(OmegaConf.to_yaml(task_cfg, resolve=True), "config.yaml")
+            raise TrialDied(reason)
+    except TrialDied:
+        pass
+
+
 def record_failed_trial(cfg: DictConfig, error: Exception, hc) -> None:
     """A sweep trial that failed before its run opened (bad value, missing data) still gets a FAILED run."""
     from mnistlab.paths import root_of
