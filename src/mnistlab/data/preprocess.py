@@ -109,6 +109,11 @@ def preprocess(raw_dir: Path, out_dir: Path, val_size: int, split_seed: int, ver
     return meta
 
 
+def read_data_checksum(processed_dir: Path) -> str:
+    """The processed splits' content checksum, from meta.json, without loading the arrays."""
+    return json.loads((Path(processed_dir) / META_NAME).read_text())["data_checksum"]
+
+
 def load_processed(processed_dir: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict]:
     """The splits as uint8 arrays plus meta.json; the error says how to produce them when missing."""
     processed_dir = Path(processed_dir)

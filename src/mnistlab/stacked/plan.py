@@ -28,19 +28,18 @@ def member_cap(max_members: int, mem_per_member_mb: float) -> int:
 def _finished_run_finder(root):
     """A function trial config -> the FINISHED run its job will copy instead of training (reuse_finished,
     tracking/resume.py), or None. The data checksum and each store are read once per sweep, not once per trial."""
-    import json
     from functools import cache
 
     from mlflow import MlflowClient
 
-    from mnistlab.data.preprocess import META_NAME
+    from mnistlab.data.preprocess import read_data_checksum
     from mnistlab.paths import resolve
     from mnistlab.tracking.resume import config_hash, find_finished
     from mnistlab.tracking.store import open_store
 
     @cache
     def checksum(processed_dir: str) -> str:
-        return json.loads((resolve(processed_dir, root) / META_NAME).read_text())["data_checksum"]
+        return read_data_checksum(resolve(processed_dir, root))
 
     @cache
     def store(mlruns_dir: str, tracking_uri: str | None, experiment: str):

@@ -166,15 +166,13 @@ def record_unstarted_trial(cfg: DictConfig, reason: str) -> None:
     """A sweep trial whose process died before the trial opened its run (a launcher=stacked member whose stack
     process died in the stack's fit) still gets its run: FAILED with the reason, its params and config, so MLflow
     holds every trial of the sweep. `cfg` is the job's composed config (its `hydra` node says sweep dir and job)."""
-    import json
-
-    from mnistlab.data.preprocess import META_NAME
+    from mnistlab.data.preprocess import read_data_checksum
     from mnistlab.paths import resolve, root_of
 
     root = root_of(cfg.paths.root)
     task_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # the config the job's task gets
     try:
-        checksum = json.loads((resolve(cfg.data.processed_dir, root) / META_NAME).read_text())["data_checksum"]
+        checksum = read_data_checksum(resolve(cfg.data.processed_dir, root))
     except (OSError, ValueError, KeyError):
         checksum = "unknown"
     try:
