@@ -82,8 +82,8 @@ def plan(cfgs: list[DictConfig], max_members: int, mem_per_member_mb: float, roo
         n = max(-(-len(members) // cap), min(workers, len(members) // 2))  # few stacks, even sizes, every worker busy
         # seed-major order, cut in n near-equal runs: members of one seed share their batches (StackedBatches), and a
         # stack with one seed trains its first layer as one wide gemm (StackedMLP.forward). Within a seed every n-th
-        # trial goes to the same run, so stacks that run at once get the same mix of optimizers (RMSprop's update
-        # costs twice SGD's), not one the SGD trials and the other the RMSprop ones.
+        # trial goes to the same run, so stacks that run at once get the same mix of optimizers (an RMSprop trial
+        # costs twice an SGD one at batch 32), not one the SGD trials and the other the RMSprop ones.
         by_seed: dict[int, list[int]] = {}
         for i in members:
             by_seed.setdefault(int(cfgs[i].seed), []).append(i)
