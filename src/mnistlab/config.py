@@ -196,6 +196,11 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"Invalid configuration ({len(found)} problem(s)); nothing was started:\n{lines}")
 
 
+def task_config(job_cfg: DictConfig) -> DictConfig:
+    """A launcher's composed job config without its `hydra` node: the config the job's task gets (and hashes)."""
+    return OmegaConf.masked_copy(job_cfg, [k for k in job_cfg if k != "hydra"])
+
+
 def effective_test_ckpt(cfg: DictConfig) -> str:
     """Which weights the test scores: cfg.test_ckpt, but always "last" without validation (there is no best)."""
     return cfg.test_ckpt if cfg.data.validation else "last"

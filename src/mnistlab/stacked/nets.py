@@ -156,7 +156,7 @@ class StackedOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, rules: list[str], opts: list[dict]):
         super().__init__(list(params), {})
-        self.rules, self.opts = rules, opts
+        self.rules = rules
         self.hyper = Hyper.of(opts)
         self.frozen: set[int] = set()
         self.slices: list[tuple[str, slice]] = []
@@ -167,6 +167,8 @@ class StackedOptimizer(torch.optim.Optimizer):
                 start = i
         if len({r for r, _ in self.slices}) != len(self.slices):
             raise ValueError(f"members of one optimizer rule must be contiguous: {rules}")
+        # the RMSprop family's per-member hyperparameters as Python floats, read once, not per parameter and step
+        self.rms = {m: self._rms_hyper(rule, opts[m]) for m, rule in enumerate(rules) if rule != SGD}
         # which optional terms each SGD slice needs, decided once from the configs: no host sync per step on a GPU
         self.terms = {sl.start: {k: any(float(o.get(k, 0) or 0) != 0 for o in opts[sl]) for k in
                                  ("weight_decay", "momentum", "nesterov")} for _, sl in self.slices}
@@ -198,7 +200,7 @@ class StackedOptimizer(torch.optim.Optimizer):
                     else:
                         for m in range(sl.start, sl.stop):
                             if m not in self.frozen:
-                                self._rmsprop(p, state, m, rule, self.opts[m])
+                                self._rmsprop(p, state, m, rule, *self.rms[m])
 
     @staticmethod
     def _buffer(state: dict, name: str, p: torch.Tensor) -> torch.Tensor:
@@ -226,14 +228,20 @@ class StackedOptimizer(torch.optim.Optimizer):
             d = G
         P.addcmul_(d, h.neg_lr[sl].view(shape))  # == param.add_(d, alpha=-lr), the same rounding (checked bitwise)
 
-    def _rmsprop(self, p, state, m: int, rule: str, opt: dict) -> None:
+    @staticmethod
+    def _rms_hyper(rule: str, opt: dict) -> tuple[float, float, float, float, float]:
+        """(lr, alpha, eps, weight_decay, momentum) of an RMSprop-family config, with its class's defaults."""
+        alpha, eps = (0.9, 1e-7) if rule == KERAS else (0.99, 1e-8)  # KerasRMSprop's and torch.optim.RMSprop's
+        return (float(opt["lr"]), float(opt.get("alpha", alpha)), float(opt.get("eps", eps)),
+                float(opt.get("weight_decay", 0) or 0), float(opt.get("momentum", 0) or 0))
+
+    def _rmsprop(self, p, state, m: int, rule: str, lr: float, alpha: float, eps: float, weight_decay: float,
+                 momentum: float) -> None:
         """Member m's torch.optim.RMSprop (eps outside the sqrt; _single_tensor_rmsprop, centered=False) or
         KerasRMSprop (eps inside) step, the same ops on views of the stacked tensors."""
         P, G = p[m], p.grad[m]
-        defaults = (0.9, 1e-7) if rule == KERAS else (0.99, 1e-8)  # KerasRMSprop's and torch.optim.RMSprop's
-        alpha, eps, lr = float(opt.get("alpha", defaults[0])), float(opt.get("eps", defaults[1])), float(opt["lr"])
-        if float(opt.get("weight_decay", 0) or 0):
-            G = G.add(P, alpha=float(opt["weight_decay"]))
+        if weight_decay:
+            G = G.add(P, alpha=weight_decay)
         sq = self._buffer(state, "square_avg", p)[m]
         sq.mul_(alpha).addcmul_(G, G, value=1 - alpha)
         if rule == KERAS:
@@ -242,7 +250,7 @@ class StackedOptimizer(torch.optim.Optimizer):
         avg = sq.sqrt().add_(eps)
         if rule == RMSPROP_MOMENTUM:
             buf = self._buffer(state, "momentum_buffer", p)[m]
-            buf.mul_(float(opt["momentum"])).addcdiv_(G, avg)
+            buf.mul_(momentum).addcdiv_(G, avg)
             P.add_(buf, alpha=-lr)
         else:
             P.addcdiv_(G, avg, value=-lr)

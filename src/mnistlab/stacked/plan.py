@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from mnistlab.stacked.fit import group_key, stack_problem
 
@@ -32,6 +32,7 @@ def _finished_run_finder(root):
 
     from mlflow import MlflowClient
 
+    from mnistlab.config import task_config
     from mnistlab.data.preprocess import read_data_checksum
     from mnistlab.paths import resolve
     from mnistlab.tracking.resume import config_hash, find_finished
@@ -50,7 +51,7 @@ def _finished_run_finder(root):
         if not (cfg.get("reuse_finished") and cfg.logger.enabled):
             return None
         client, exp_id = store(cfg.paths.mlruns_dir, cfg.logger.tracking_uri, cfg.logger.experiment_name)
-        task_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # the config the job's task gets
+        task_cfg = task_config(cfg)
         run = find_finished(client, exp_id, config_hash(task_cfg, checksum(cfg.data.processed_dir)))
         return run.info.run_id if run else None
 

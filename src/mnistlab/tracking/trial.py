@@ -12,7 +12,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from mnistlab.config import effective_test_ckpt
+from mnistlab.config import effective_test_ckpt, task_config
 from mnistlab.outputs import SUMMARY_KEYS, write_summary
 
 log = logging.getLogger("mnistlab.train")
@@ -170,7 +170,7 @@ def record_unstarted_trial(cfg: DictConfig, reason: str) -> None:
     from mnistlab.paths import resolve, root_of
 
     root = root_of(cfg.paths.root)
-    task_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])  # the config the job's task gets
+    task_cfg = task_config(cfg)
     try:
         checksum = read_data_checksum(resolve(cfg.data.processed_dir, root))
     except (OSError, ValueError, KeyError):
