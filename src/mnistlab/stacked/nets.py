@@ -128,9 +128,9 @@ class Hyper:
     weight_decay: torch.Tensor
 
     @classmethod
-    def of(cls, opts: list[dict]) -> "Hyper":
+    def of(cls, opts: list[dict], device: torch.device | str = "cpu") -> "Hyper":
         def t(values, dtype=torch.float32):
-            return torch.tensor(values, dtype=dtype)
+            return torch.tensor(values, dtype=dtype, device=device)
 
         return cls(
             neg_lr=t([-float(o["lr"]) for o in opts]),
@@ -139,8 +139,6 @@ class Hyper:
             weight_decay=t([float(o.get("weight_decay", 0.0) or 0.0) for o in opts]),
         )
 
-    def to(self, device) -> "Hyper":
-        return Hyper(**{k: v.to(device) for k, v in vars(self).items()})
 
 
 class StackedOptimizer(torch.optim.Optimizer):
@@ -157,7 +155,8 @@ class StackedOptimizer(torch.optim.Optimizer):
     def __init__(self, params, rules: list[str], opts: list[dict]):
         super().__init__(list(params), {})
         self.rules = rules
-        self.hyper = Hyper.of(opts)
+        # on the parameters' device (Lightning builds the optimizer after moving the module): no copy per step
+        self.hyper = Hyper.of(opts, self.param_groups[0]["params"][0].device)
         self.frozen: set[int] = set()
         self.slices: list[tuple[str, slice]] = []
         start = 0
@@ -187,8 +186,6 @@ class StackedOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         h = self.hyper
-        if h.neg_lr.device != self.param_groups[0]["params"][0].device:
-            self.hyper = h = h.to(self.param_groups[0]["params"][0].device)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
