@@ -475,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(name).setLevel(logging.WARNING)
     import torch
 
-    # Before any parallel op, as train() does (mnistlab.launching.configure_threads): OpenMP's threads copy the main
+    # Before any parallel op, as train() does (mnistlab.threads.configure_threads): OpenMP's threads copy the main
     # thread's FTZ/DAZ when the first parallel op starts them. Set later (as this script did until this session, its
     # floor ran first), the second thread kept denormals and every epoch, floor and mnistlab, crept up 8-25 % over a
     # run as RMSprop's square averages of never-lit pixels decayed into the denormal range.

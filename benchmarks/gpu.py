@@ -186,11 +186,11 @@ def stacked_step(device, members: int, batch_size: int, steps: int) -> dict:
     """ms per step of a stack (mnistlab.stacked: StackedMLP + StackedOptimizer, RMSprop), one shared batch."""
     import torch
 
-    from mnistlab.model import build_mlp
+    from mnistlab.nets import MLP
     from mnistlab.stacked.nets import StackedMLP, StackedOptimizer, member_losses
 
     opt_cfg = {"_target_": "torch.optim.RMSprop", "lr": 1e-3, "alpha": 0.9, "eps": 1e-7}
-    stack = StackedMLP([build_mlp(784, [512], 10, "relu", 0.0) for _ in range(members)]).to(device)
+    stack = StackedMLP([MLP(784, [512], 10, "relu", 0.0) for _ in range(members)]).to(device)
     opt = StackedOptimizer(stack.parameters(), ["rmsprop"] * members, [opt_cfg] * members)
     x = torch.rand(batch_size, 784, device=device)
     y = torch.randint(0, 10, (members, batch_size), device=device)

@@ -107,14 +107,14 @@ def stacked_steps(cores: int, quick: bool) -> dict:
     of different seeds) and one batch for all (one seed: the wide first-layer gemm), and resident MB per member."""
     import torch
 
-    from mnistlab.model import build_mlp
+    from mnistlab.nets import MLP
     from mnistlab.stacked.nets import StackedMLP, StackedOptimizer, member_losses
 
     torch.set_num_threads(cores)
     opt_cfg = {"_target_": "torch.optim.RMSprop", "lr": 1e-3, "alpha": 0.9, "eps": 1e-7}
     out, shared, rss = {}, {}, {}
     for m in (1, 4, 12):
-        stack = StackedMLP([build_mlp(784, [512], 10, "relu", 0.0) for _ in range(m)])
+        stack = StackedMLP([MLP(784, [512], 10, "relu", 0.0) for _ in range(m)])
         opt = StackedOptimizer(stack.parameters(), ["rmsprop"] * m, [opt_cfg] * m)
         x, y = torch.rand(m, 128, 784), torch.randint(0, 10, (m, 128))
         steps = 5 if quick else 100

@@ -133,7 +133,8 @@ def project_copy(tmp_path) -> Path:
 
 def cli_env(**extra: str) -> dict[str, str]:
     """Environment for CLI subprocesses: the venv first on PATH, 1 torch thread, no stray tracking URI."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MNISTLAB_PARENT_RUN_ID", "MNISTLAB_ROOT")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_TRACKING_URI", "MNISTLAB_PARENT_RUN_ID", "MNISTLAB_ROOT", "MNISTLAB_PARALLEL_TRIALS")}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("OMP_NUM_THREADS", "1")
     env["HYDRA_FULL_ERROR"] = "1"

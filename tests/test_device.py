@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from mnistlab.compat import TorchDispatchMode
 from mnistlab.data.datamodule import DeviceBatches
-from mnistlab.model import MnistMLP, build_mlp
+from mnistlab.model import MnistMLP
+from mnistlab.nets import MLP
 from mnistlab.stacked.nets import StackedBatches, StackedMLP, StackedOptimizer, member_losses, optimizer_rule
 
 # one member of each stacked update rule (and the SGD slice's optional terms)
@@ -39,7 +40,7 @@ class HostSyncs(TorchDispatchMode):
 
 
 def _stack(device: str, members: int = len(OPTS)):
-    nets = [build_mlp(784, [32], 10, "relu", 0.0) for _ in range(members)]
+    nets = [MLP(784, [32], 10, "relu", 0.0) for _ in range(members)]
     stack = StackedMLP(nets).to(device)
     opt = StackedOptimizer(stack.parameters(), [optimizer_rule(o)[0] for o in OPTS[:members]], OPTS[:members])
     return stack, opt

@@ -172,7 +172,8 @@ def test_a_killed_stack_process_fails_its_trials_and_the_sweep_goes_on(tmp_path,
 def test_trial_capacity_is_capped_by_cores_and_by_memory(caplog):
     import psutil
 
-    from mnistlab.launching import GIB, available_cores, trial_capacity
+    from mnistlab.launching import GIB, trial_capacity
+    from mnistlab.threads import available_cores
 
     cores = available_cores()
     assert trial_capacity(36, mem_per_trial_gb=0.001) == min(36, cores)

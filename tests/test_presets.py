@@ -54,12 +54,12 @@ def test_pytorch_notebook_is_rmsprop_with_pytorchs_own_defaults():
 
 
 def test_keras_init_is_glorot_uniform_with_zero_bias():
-    from mnistlab.model import build_mlp
+    from mnistlab.nets import MLP
 
     torch.manual_seed(0)
-    keras = [m for m in build_mlp(784, [512], 10, "relu", 0.0, init="keras") if isinstance(m, torch.nn.Linear)]
+    keras = [m for m in MLP(784, [512], 10, "relu", 0.0, init="keras") if isinstance(m, torch.nn.Linear)]
     torch.manual_seed(0)
-    torch_init = [m for m in build_mlp(784, [512], 10, "relu", 0.0) if isinstance(m, torch.nn.Linear)]
+    torch_init = [m for m in MLP(784, [512], 10, "relu", 0.0) if isinstance(m, torch.nn.Linear)]
     for k, t in zip(keras, torch_init):
         fan_in, fan_out = k.in_features, k.out_features
         glorot = math.sqrt(6 / (fan_in + fan_out))
@@ -136,7 +136,7 @@ def test_validation_free_run_logs_no_val_metrics_and_tests_the_last_weights(tmp_
     metrics = train(compose(fast_overrides(tmp_path, processed_dir, epochs=3) + ["data.validation=false",
                                                                                   "logger.log_model=false"]))
     assert "val/acc_best" not in metrics and metrics["epochs"] == 3
-    from mnistlab.outputs import TIMING_KEYS
+    from mnistlab.metrics import TIMING_KEYS
 
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert saved == {k: v for k, v in metrics.items() if k not in TIMING_KEYS}

@@ -34,7 +34,7 @@ def _history(client, run, key) -> list[tuple[int, float]]:
 
 def test_updates_are_bitwise_torch_optim():
     """The stacked model and StackedOptimizer against torch.optim/KerasRMSprop on 7 members, 20 steps: equal weights."""
-    from mnistlab.model import build_mlp
+    from mnistlab.nets import MLP
     from mnistlab.optim import KerasRMSprop
     from mnistlab.stacked.nets import StackedMLP, StackedOptimizer, member_losses, optimizer_rule
 
@@ -53,7 +53,7 @@ def test_updates_are_bitwise_torch_optim():
     refs = []
     for i, o in enumerate(opts):
         torch.manual_seed(i)
-        net = build_mlp(784, [64], 10, "relu", 0.0)
+        net = MLP(784, [64], 10, "relu", 0.0)
         refs.append((net, classes[o["_target_"]](net.parameters(), **{k: v for k, v in o.items() if k != "_target_"})))
     stack = StackedMLP([copy.deepcopy(n) for n, _ in refs])
     opt = StackedOptimizer(stack.parameters(), [optimizer_rule(o)[0] for o in opts], opts)
@@ -78,7 +78,7 @@ def test_members_of_one_seed_share_their_batches_and_one_wide_gemm():
     bitwise for the book's 512-wide layer (other widths, e.g. 64, pick other gemm blockings here: equal up to float
     rounding, as for a deeper net below). A stack of mixed seeds gets one batch per member."""
     from mnistlab.data.datamodule import DeviceBatches
-    from mnistlab.model import build_mlp
+    from mnistlab.nets import MLP
     from mnistlab.stacked.nets import StackedBatches, StackedMLP, member_losses
 
     torch.set_num_threads(1)
@@ -93,7 +93,7 @@ def test_members_of_one_seed_share_their_batches_and_one_wide_gemm():
         assert torch.equal(xm, torch.stack([x7, x8, x7])) and torch.equal(ym, torch.stack([y7, y8, y7]))
     for hidden, bitwise in (([512], True), ([64, 32], False)):
         torch.manual_seed(0)
-        stack = StackedMLP([build_mlp(784, hidden, 10, "relu", 0.0) for _ in range(4)])
+        stack = StackedMLP([MLP(784, hidden, 10, "relu", 0.0) for _ in range(4)])
         grads = []
         for xb in (x[:32], x[:32].expand(4, 32, 784)):
             stack.zero_grad()
@@ -199,3 +199,19 @@ def test_a_rerun_stacks_only_the_trials_it_must_train(tmp_path, processed_dir):
     reused = {(c.data.params["optimizer"], float(c.data.params["lr"])) for c in kids if REUSED_TAG in c.data.tags}
     assert reused == {("sgd", 0.01), ("rmsprop", 0.01)}
     assert all(c.info.status == "FINISHED" for c in kids)
+
+
+@pytest.mark.slow
+def test_a_stacked_sweep_with_job_chdir_finishes_its_trials(tmp_path, processed_dir):
+    """hydra.job.chdir=true: each member's job runs in its own dir and still adopts its stack's results (the result
+    file is named by an absolute path, not one relative to the launcher's working directory)."""
+    proc = _multirun(tmp_path, processed_dir, ["optimizer=sgd,rmsprop", "hydra.job.chdir=true"],
+                     ["launcher=stacked", "hydra.launcher.n_jobs=1"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "launcher=stacked: 2 trials in 1 stack(s) of [2], 0 on their own" in proc.stdout + proc.stderr
+    _, (parent,), children = _store(tmp_path)
+    assert parent.info.status == "FINISHED" and sorted(c.info.status for c in children) == ["FINISHED", "FINISHED"]
+    for trial in ("0", "1"):
+        d = tmp_path / "multirun" / trial
+        assert json.loads((d / ".mnistlab_trial.json").read_text())["status"] == "FINISHED"
+        assert json.loads((d / "metrics.json").read_text())["epochs"] == 2

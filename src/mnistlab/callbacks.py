@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-CURVE_KEYS = ("train/loss", "train/acc", "val/loss", "val/acc")
+from mnistlab.metrics import CURVE_KEYS
 
 
 def clean_float(v) -> float:

@@ -1,10 +1,10 @@
-"""Running on a SLURM cluster: the store check before a cluster sweep, a requeued trial's hand-over to its next
-start, and the wait for a job array that outlives a cancelled trial (the launcher in hydra_plugins/)."""
+"""Running on a SLURM cluster, the launcher's side (hydra_plugins/mnistlab_launchers): the store check before a cluster
+sweep, the wait for a job array that outlives a cancelled trial, closing a trial whose job ended without a result. The
+trial's side of a requeue is mnistlab.requeue."""
 
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -12,8 +12,6 @@ from urllib.parse import urlparse
 
 log = logging.getLogger("mnistlab.cluster")
 
-RUN_ID_FILE = ".mlflow_run_id"  # in the trial's job dir: the run a requeued start of the same job reopens
-LAST_CKPT = "last.ckpt"
 # squeue states after which a job will not run again (a requeued job goes REQUEUED -> PENDING instead).
 ENDED = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
          "SPECIAL_EXIT", "REVOKED"}
@@ -41,56 +39,6 @@ def local_store_problem(config, uri: str) -> str | None:
         "single-node SLURM where every job runs on this machine, add `cluster.allow_local_store=true`. "
         "Nothing was submitted."
     )
-
-
-def lightning_plugins() -> list | None:
-    """Inside a SLURM job: Lightning's SLURM environment without its auto-requeue.
-
-    submitit owns requeueing (USR2 before the time limit or on preemption: it resubmits the trial, which then
-    continues from last.ckpt, see below). Lightning's auto-requeue would add a second requeue on USR1 and make
-    Lightning ignore SIGTERM, so a scancelled or preempted trial would train on until SIGKILL; without it,
-    SIGTERM stops training at the next batch and the run is closed KILLED right away.
-    """
-    from lightning.pytorch.plugins.environments import SLURMEnvironment
-
-    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None
-
-
-# --- a trial requeued by SLURM (scontrol requeue, preemption): the next start continues the same run ---
-
-def restart_count() -> int:
-    """How often SLURM restarted this job (requeue, preemption, node failure); 0 outside SLURM."""
-    try:
-        return int(os.environ.get("SLURM_RESTART_COUNT") or 0)
-    except ValueError:
-        return 0
-
-
-def previous_run_id(job_dir: Path) -> str | None:
-    """The MLflow run of this job's previous start, when SLURM restarted it in the same job dir."""
-    f = Path(job_dir) / RUN_ID_FILE
-    if restart_count() < 1 or not f.is_file():
-        return None
-    return f.read_text().strip() or None
-
-
-def remember_run(job_dir: Path, run_id: str) -> None:
-    """Leave the run id in the job dir, for a restart of this job to find (atomically)."""
-    job_dir.mkdir(parents=True, exist_ok=True)
-    tmp = job_dir / f".{RUN_ID_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(run_id + "\n")
-    tmp.replace(job_dir / RUN_ID_FILE)
-
-
-def resume_checkpoint(configured: str | None, ckpt_dir: Path) -> str | None:
-    """`ckpt_path` as configured; on a SLURM restart without one, the last checkpoint the previous start saved."""
-    if configured or restart_count() < 1:
-        return configured
-    last = Path(ckpt_dir) / LAST_CKPT
-    if last.is_file():
-        log.info("SLURM restart %d: resuming from %s", restart_count(), last)
-        return str(last)
-    return None
 
 
 # --- the launcher's side: wait for a job array without sacct, report trials that ended without a result ---
@@ -136,8 +84,9 @@ def close_trial_run(config, job_num: int, job_id: str, state: str) -> str:
 
     from mnistlab.paths import root_of
     from mnistlab.tracking.run import parent_run_id
+    from mnistlab.tracking.status import end_run
     from mnistlab.tracking.store import open_store
-    from mnistlab.tracking.tags import ERROR_TAG, NOTE_TAG, PARENT_TAG
+    from mnistlab.tracking.tags import PARENT_TAG
 
     status = "KILLED" if state in KILLED_STATES else "FAILED"
     message = f"SLURM job {job_id} ended {state} without a result (trial {job_num})"
@@ -155,7 +104,5 @@ def close_trial_run(config, job_num: int, job_id: str, state: str) -> str:
     else:
         run_id = client.create_run(exp_id, run_name=f"trial {job_num} ({state.lower()})",
                                    tags={**({PARENT_TAG: parent} if parent else {}), "mnistlab.trial": str(job_num)}).info.run_id
-    client.set_tag(run_id, ERROR_TAG, message)
-    client.set_tag(run_id, NOTE_TAG, f"**{status}**: {message}")
-    client.set_terminated(run_id, status)
+    end_run(client, run_id, status, message)
     return status

@@ -18,53 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from mnistlab.threads import PARALLEL_ENV, available_cores
+
 log = logging.getLogger("mnistlab.launching")
 
 GIB = 1024**3
-PARALLEL_ENV = "MNISTLAB_PARALLEL_TRIALS"  # how many trials run at once: configure_threads gives each cores // this
-_PRELOAD = ["mnistlab.train", "torch", "lightning.pytorch", "mlflow", "hydra_plugins.hydra_joblib_launcher._core"]
-
-
-def available_cores() -> int:
-    """Cores this process may use (respects taskset/cgroup/SLURM affinity, unlike os.cpu_count())."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def parallel_jobs(hc) -> int:
-    """How many trials run at once on this machine under the current Hydra launcher."""
-    if hc is None or str(hc.mode) != "RunMode.MULTIRUN":
-        return 1
-    if os.environ.get(PARALLEL_ENV):  # set by mnistlab's launchers after capping (trial_capacity)
-        return max(1, int(os.environ[PARALLEL_ENV]))
-    launcher = hc.launcher
-    target = str(launcher.get("_target_", ""))
-    cores = available_cores()
-    if "joblib" in target:
-        n = launcher.get("n_jobs", -1)
-        return cores if n is None or n < 0 else max(1, n)
-    if "LocalLauncher" in target:  # submitit_local starts every trial at once
-        return cores
-    return 1
-
-
-def configure_threads(num_threads: int | None, jobs: int, flush_denormal: bool) -> int:
-    """Torch intra-op threads: the configured number, else cores / parallel jobs (no oversubscription), with denormals
-    flushed to zero or not (cfg.flush_denormal), before the process's first parallel op.
-
-    torch.set_flush_denormal sets the calling thread's FTZ/DAZ only; OpenMP's pool threads copy it when the first
-    parallel op starts them, and never again. train() calls this first, so a run's threads all flush
-    (tests/test_train.py). A process that ran a parallel op before (the epoch benchmark's floor did, until this
-    session) keeps denormals in its second thread, whose share of each epoch then slows as RMSprop's square averages
-    of never-lit pixels decay into the denormal range (benchmarks/README.md)."""
-    import torch
-
-    torch.set_flush_denormal(flush_denormal)
-    n = num_threads or max(1, available_cores() // jobs)
-    torch.set_num_threads(n)
-    return n
+_PRELOAD = ["mnistlab.train", "torch", "lightning.pytorch", "mlflow", "hydra_plugins.mnistlab_launchers.launchers"]
 
 
 def trial_capacity(requested: int, mem_per_trial_gb: float) -> int:
@@ -97,10 +56,10 @@ def death_reason(exitcode: int | None) -> str:
 
 
 def record_dead_trial(config, trial_dir: Path, pid: int | None, reason: str) -> None:
-    """The dead trial's status file says DIED (sweep.mark_died; the sweep's exit code reads it) and its MLflow run
-    is FAILED; a trial that died before it started (no pid: a stacked member killed in its stack's fit) gets a
+    """The dead trial's status file says DIED (trial_status.mark_died; the sweep's exit code reads it) and its MLflow
+    run is FAILED; a trial that died before it started (no pid: a stacked member killed in its stack's fit) gets a
     FAILED run with the reason (tracking.trial.record_unstarted_trial)."""
-    from mnistlab.sweep import mark_died
+    from mnistlab.trial_status import mark_died
 
     pid = mark_died(trial_dir, reason, pid)
     log.error("%s: %s", trial_dir, reason)

@@ -1,4 +1,5 @@
-"""The book's MLP as a LightningModule: cross-entropy on logits, accuracy and mean loss per split, the test confusion matrix.
+"""The classifier as a LightningModule around the configured net (mnistlab.nets, by `_target_`): cross-entropy on
+logits, accuracy and mean loss per split, the test confusion matrix.
 
 Training accumulates its epoch metrics as on-device sums (no torchmetrics call per step: a Metric.update costs
 more than this MLP's step on a CPU, and per-step framework work dominates on a GPU); validation and test, a few
@@ -13,7 +14,6 @@ automatic loop (use_automatic_optimization)."""
 from __future__ import annotations
 
 import copy
-import inspect
 from typing import Any
 
 import hydra
@@ -23,7 +23,10 @@ from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-_ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU}
+from mnistlab.compat import count_manual_step, freeze_signature
+from mnistlab.config import MLP_TARGET
+from mnistlab.metrics import OBJECTIVE, STEP_LOSS
+
 # The per-step hooks Lightning's own backward and optimizer step dispatch (to every callback, overridden or not).
 _STEP_HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimizer_step")
 
@@ -52,37 +55,22 @@ def needs_lightning_step(trainer) -> bool:
     )
 
 
-def build_mlp(
-    input_size: int, hidden_sizes: list[int], num_classes: int, activation: str, dropout: float, init: str = "torch"
-) -> nn.Sequential:
-    """init "torch" keeps nn.Linear's own initialisation; "keras" is Dense's: glorot_uniform kernel, zero bias."""
-    layers: list[nn.Module] = []
-    width = input_size
-    for h in hidden_sizes:
-        layers += [nn.Linear(width, h), _ACTIVATIONS[activation]()]
-        if dropout > 0:
-            layers.append(nn.Dropout(dropout))
-        width = h
-    layers.append(nn.Linear(width, num_classes))
-    if init == "keras":
-        for layer in layers:
-            if isinstance(layer, nn.Linear):
-                nn.init.xavier_uniform_(layer.weight)
-                nn.init.zeros_(layer.bias)
-    return nn.Sequential(*layers)
+def build_net(model: dict[str, Any]) -> nn.Module:
+    """The net of a model config: its `_target_` (conf/model/*.yaml) with the other keys as arguments. A checkpoint
+    saved before models had a `_target_` holds the MLP's keys (and, older still, no init: torch's)."""
+    if "_target_" not in model:
+        model = {"_target_": MLP_TARGET, "init": "torch", **model}
+    return hydra.utils.instantiate(model, _convert_="all")
 
 
 class MnistMLP(pl.LightningModule):
-    """Dense(hidden, act) ... -> Dense(num_classes); the softmax lives in the loss."""
+    """Any net of conf/model/ (the book's MLP by default) trained as a classifier; the softmax lives in the loss."""
 
     def __init__(self, model: dict[str, Any], optimizer: dict[str, Any]):
         super().__init__()
         # Plain dicts: Lightning 2.6 loads checkpoints with weights_only=True, which rejects DictConfig.
         self.save_hyperparameters({"model": dict(model), "optimizer": dict(optimizer)}, logger=False)
-        self.net = build_mlp(
-            model["input_size"], list(model["hidden_sizes"]), model["num_classes"], model["activation"], model["dropout"],
-            model.get("init", "torch"),  # checkpoints saved before the knob existed: torch's init
-        )
+        self.net = build_net(model)
         n = model["num_classes"]
         self.loss_fn = nn.CrossEntropyLoss()
         self.val_acc = MulticlassAccuracy(num_classes=n, average="micro")
@@ -119,7 +107,7 @@ class MnistMLP(pl.LightningModule):
         self._accumulate_train(logits.detach(), y, loss.detach())
         # self.log costs more per call than this MLP's step; call it only on the steps the logger writes.
         if (step + 1) % self.trainer.log_every_n_steps == 0:
-            self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
+            self.log(STEP_LOSS, loss, on_step=True, on_epoch=False, prog_bar=True)
         return loss
 
     def on_train_start(self) -> None:
@@ -140,9 +128,8 @@ class MnistMLP(pl.LightningModule):
             used.update(copy.deepcopy(other))
 
     def _optimize(self, loss: torch.Tensor) -> None:
-        """One manual step. The direct path still counts the step where Lightning does (the LightningOptimizer's
-        _on_before_step/_on_after_step, which the manual loop sets): global_step, log_every_n_steps, checkpoints
-        and the MLflow step axis depend on it."""
+        """One manual step. The direct path still counts the step where Lightning does (compat.count_manual_step):
+        global_step, log_every_n_steps, checkpoints and the MLflow step axis depend on it."""
         opt = self.optimizers()
         opt.zero_grad()
         if self._lightning_step:
@@ -150,9 +137,7 @@ class MnistMLP(pl.LightningModule):
             opt.step()
             return
         loss.backward()
-        opt._on_before_step()
-        opt.optimizer.step()
-        opt._on_after_step()
+        count_manual_step(opt, opt.optimizer.step)
 
     def _accumulate_train(self, logits: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> None:
         """Two in-place adds on the device per step, no host sync: the loss and the correct predictions (argmax, as
@@ -218,7 +203,7 @@ class MnistMLP(pl.LightningModule):
         self.log("val/acc", acc, prog_bar=True, sync_dist=True)
         if not self.trainer.sanity_checking:
             self.val_acc_best.update(acc)
-            self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True)
+            self.log(OBJECTIVE, self.val_acc_best.compute(), sync_dist=True)
         self.val_loss.reset()
         self.val_acc.reset()
 
@@ -245,6 +230,4 @@ class MnistMLP(pl.LightningModule):
         return make_optimizer(params=self.parameters())
 
 
-# Lightning decides whether to pass batch_idx by reading training_step's signature with inspect.getfullargspec on
-# EVERY step (~1.5 % of a steady-state epoch here, py-spy); inspect returns a function's __signature__ first.
-MnistMLP.training_step.__signature__ = inspect.signature(MnistMLP.training_step)
+freeze_signature(MnistMLP.training_step)

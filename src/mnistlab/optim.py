@@ -10,6 +10,13 @@ from __future__ import annotations
 import torch
 
 
+def keras_rmsprop_(param: torch.Tensor, grad: torch.Tensor, square_avg: torch.Tensor, lr: float, alpha: float,
+                   eps: float) -> None:
+    """One Keras RMSprop update in place (also each stacked member's: mnistlab.stacked.nets)."""
+    square_avg.mul_(alpha).addcmul_(grad, grad, value=1 - alpha)
+    param.addcdiv_(grad, square_avg.add(eps).sqrt_(), value=-lr)
+
+
 class KerasRMSprop(torch.optim.Optimizer):
     """Keras' RMSprop without momentum, centering or weight decay (the book uses none of them)."""
 
@@ -34,6 +41,5 @@ class KerasRMSprop(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 v = self.state[p].setdefault("square_avg", torch.zeros_like(p))
-                v.mul_(group["alpha"]).addcmul_(p.grad, p.grad, value=1 - group["alpha"])
-                p.addcdiv_(p.grad, v.add(group["eps"]).sqrt_(), value=-group["lr"])
+                keras_rmsprop_(p, p.grad, v, group["lr"], group["alpha"], group["eps"])
         return loss

@@ -9,14 +9,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from mnistlab.metrics import CURVE_KEYS, TIMING_KEYS
 from mnistlab.paths import resolve, unique_stamp
 
 METRICS_FILE = "metrics.json"
-# What metrics.json holds; the sweep objective is val/acc_best (the val accuracy of the selected checkpoint).
-SUMMARY_KEYS = ("test/acc", "test/loss", "val/acc_best", "epochs", "fit_seconds", "samples_per_second", "samples_seen")
-# Seconds vary run to run; kept out of metrics.json so DVC's lock (and git) change only when results do.
 TIMING_FILE = "timing.json"
-TIMING_KEYS = ("fit_seconds", "samples_per_second")
 CURVES_FILE = "curves.csv"
 
 
@@ -58,8 +55,6 @@ def write_summary(folder: Path, metrics: dict[str, float]) -> None:
 
 def write_curves_csv(path: Path, rows: list[dict[str, float]]) -> None:
     """curves.csv: one row per epoch, the per-epoch curves (CURVE_KEYS) to 6 decimals, NaN where one is missing."""
-    from mnistlab.callbacks import CURVE_KEYS
-
     lines = [",".join(["epoch", *CURVE_KEYS])]
     lines += [",".join([str(r["epoch"]), *(f"{r.get(k, float('nan')):.6f}" for k in CURVE_KEYS)]) for r in rows]
     write_atomic(path, "\n".join(lines) + "\n")

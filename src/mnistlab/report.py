@@ -20,14 +20,14 @@ import statistics
 from itertools import combinations
 from pathlib import Path
 
+from mnistlab.metrics import OBJECTIVE
 from mnistlab.outputs import write_atomic
 from mnistlab.tracking.tags import PARENT_TAG, REUSED_TAG, SWEEP_TAG
 
-OBJECTIVE = "val/acc_best"  # what selects a config (the val accuracy of each trial's selected checkpoint)
 REPORTED = "test/acc"  # what is reported for the chosen configs; never used to choose
 CI_LEVEL = 0.95
 USABLE_MARGIN = 0.005  # an lr is "usable" when its config's mean val acc is within 0.5 pp of the optimizer's best
-TRIAL_COLUMNS = ["optimizer", "lr", "batch_size", "momentum", "seed", "val/acc_best", "test/acc", "epochs",
+TRIAL_COLUMNS = ["optimizer", "lr", "batch_size", "momentum", "seed", OBJECTIVE, REPORTED, "epochs",
                  "fit_seconds", "status", "reused", "run_id"]
 CONFIG_COLUMNS = ["config", "optimizer", "lr", "batch_size", "n", "finished", "failed",
                   "val_mean", "val_sd", "val_ci_low", "val_ci_high", "test_mean", "test_sd", "test_ci_low",
@@ -63,7 +63,7 @@ def trial_rows(client, parent_run_id: str) -> list[dict]:
             "batch_size": _num(p.get("batch_size"), int),
             "momentum": _num(p.get("momentum")),
             "seed": _num(p.get("seed"), int),
-            "val/acc_best": m.get(OBJECTIVE) if finished else None,
+            OBJECTIVE: m.get(OBJECTIVE) if finished else None,
             "test/acc": m.get(REPORTED) if finished else None,
             "epochs": _num(m.get("epochs"), int),
             "fit_seconds": m.get("fit_seconds"),

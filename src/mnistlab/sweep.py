@@ -13,7 +13,9 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from mnistlab.paths import resolve, root_of
+from mnistlab.tracking.status import end_run
 from mnistlab.tracking.tags import SWEEP_DIR_TAG, SWEEP_TAG
+from mnistlab.trial_status import TRIAL_STATUS_FILE, read_trial_status, read_trial_statuses, write_trial_status
 
 log = logging.getLogger("mnistlab.sweep")
 
@@ -77,7 +79,7 @@ class MlflowSweepCallback(Callback):
         """Ctrl-C or a crash skips on_multirun_end: the parent must not stay RUNNING."""
         if self.parent_id and self.client is not None:
             if self.client.get_run(self.parent_id).info.status == "RUNNING":
-                self.client.set_terminated(self.parent_id, "KILLED")
+                end_run(self.client, self.parent_id, "KILLED")
 
     def _register(self, run_id: str) -> None:
         """The selected trial's model becomes mnist-mlp@champion; a registry error is reported, not fatal."""
@@ -96,16 +98,14 @@ class MlflowSweepCallback(Callback):
         """The trial's own verdict, in its dir: the exit code must not depend on MLflow being usable. A trial
         that failed inside train's main already wrote FAILED with its error (its objective is None either way:
         a validation-free run has none)."""
-        import json
-
         from hydra.core.utils import JobStatus
 
         trial_dir = Path(config.hydra.runtime.output_dir)
         if not _in_sweep(config) or job_return is None:
             return
-        if json.loads((trial_dir / TRIAL_STATUS_FILE).read_text()).get("status") == "RUNNING":
+        if read_trial_status(trial_dir).get("status") == "RUNNING":
             ok = job_return.status == JobStatus.COMPLETED
-            write_trial_status(trial_dir, "FINISHED" if ok else "FAILED", "" if ok else str(job_return._return_value))
+            write_trial_status(trial_dir, "FINISHED" if ok else "FAILED", "" if ok else _job_error(job_return))
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(str(config.hydra.sweep.dir))
@@ -151,57 +151,22 @@ class MlflowSweepCallback(Callback):
             if summary.get("best_run_id"):  # the chosen config's best seed, selected on validation
                 self._register(summary["best_run_id"])
         finally:
-            self.client.set_terminated(self.parent_id, status)
+            end_run(self.client, self.parent_id, status)
             os.environ.pop(PARENT_ENV, None)
             self.parent_id = None
 
 
-TRIAL_STATUS_FILE = ".mnistlab_trial.json"
+def _job_error(job_return) -> str:
+    """A FAILED job's exception as text (JobReturn.return_value re-raises it: the public way to read it)."""
+    try:
+        job_return.return_value
+    except Exception as e:  # noqa: BLE001 - whatever the job raised is its error
+        return f"{type(e).__name__}: {e}"
+    return ""
 
 
 def _in_sweep(config: DictConfig) -> bool:
     return str(config.hydra.mode) == "RunMode.MULTIRUN"
-
-
-def write_trial_status(trial_dir: Path, status: str, error: str = "", pid: int | None = None) -> None:
-    """RUNNING at the start, FINISHED/FAILED at the end, KILLED when a signal stopped it (or DIED, written by the
-    launcher when the trial's process is gone); one that stays RUNNING never ended."""
-    import json
-
-    trial_dir.mkdir(parents=True, exist_ok=True)
-    tmp = trial_dir / f".{TRIAL_STATUS_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps({"status": status, "error": error[:2000], "pid": pid}) + "\n")
-    tmp.replace(trial_dir / TRIAL_STATUS_FILE)
-
-
-def mark_died(trial_dir: Path, reason: str, pid: int | None = None) -> int | None:
-    """The one writer of DIED, for every launcher: a trial whose process or job ended without writing its own
-    verdict (the OOM killer, SIGKILL after scancel's grace period, a lost node) is DIED, so the sweep's exit code
-    counts it; a verdict the trial wrote (FINISHED, FAILED, KILLED) stays. Returns the trial's pid (written at its
-    start) when the caller has none."""
-    import json
-
-    path = trial_dir / TRIAL_STATUS_FILE
-    try:
-        previous = json.loads(path.read_text()) if path.is_file() else {}
-    except ValueError:
-        previous = {}
-    pid = pid if pid is not None else previous.get("pid")
-    if previous.get("status", "RUNNING") == "RUNNING":
-        write_trial_status(trial_dir, "DIED", reason, pid)
-    return pid
-
-
-def read_trial_statuses(sweep_dir: Path) -> list[dict]:
-    import json
-
-    out = []
-    for f in sorted(sweep_dir.glob(f"**/{TRIAL_STATUS_FILE}")):
-        try:
-            out.append({**json.loads(f.read_text()), "dir": str(f.parent)})
-        except ValueError:
-            out.append({"status": "UNREADABLE", "dir": str(f.parent)})
-    return out
 
 
 def study_main(argv: list[str] | None = None) -> None:

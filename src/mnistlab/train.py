@@ -15,9 +15,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from mnistlab.config import ConfigError, effective_test_ckpt, validate, validate_inputs, with_run_overrides
 from mnistlab.instantiators import build_trainer
-from mnistlab.launching import configure_threads, parallel_jobs
+from mnistlab.launch_context import installed_fit
+from mnistlab.metrics import OBJECTIVE, TEST_KEYS
 from mnistlab.outputs import CURVES_FILE, METRICS_FILE, output_dirs, write_curves_csv, write_summary
 from mnistlab.paths import CONF_DIR, resolve, root_of
+from mnistlab.requeue import remember_run, resume_checkpoint
+from mnistlab.threads import configure_threads, parallel_jobs
 from mnistlab.tracking.trial import (
     log_device, log_results, log_run_start, open_trial_run, record_failed_trial, reuse_finished, task_overrides,
 )
@@ -40,11 +43,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     import lightning.pytorch as pl
 
     from mnistlab.callbacks import EpochHistory
-    from mnistlab.cluster import remember_run
     from mnistlab.data.datamodule import MnistDataModule
     from mnistlab.logging_setup import quiet_lightning
     from mnistlab.model import MnistMLP, use_automatic_optimization
-    from mnistlab.stacked.adopt import adopt, adopted_result
     from mnistlab.tracking.run import keep_tracking_uri_env, restore_sigint
 
     quiet_lightning()
@@ -81,11 +82,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
             trainer = build_trainer(cfg, run, history, dirs, hc)
             if run is not None:
                 log_device(run, trainer)
-            stacked = adopted_result()  # trained in a stack by launcher=stacked: adopt its results (mnistlab.stacked)
-            if stacked is not None:
-                metrics, rows = adopt(stacked, cfg, trainer, model, dm, dirs.checkpoints)
-            else:
-                metrics, rows = _fit_and_test(cfg, trainer, model, dm, history, dirs.checkpoints)
+            # a launch that trained this trial elsewhere (launcher=stacked) installed the fit that adopts its results
+            fit = installed_fit() or _fit_and_test
+            metrics, rows = fit(cfg, trainer, model, dm, history, dirs.checkpoints)
             if run is not None:
                 log_results(run, cfg, trainer, model, dm, rows, metrics)
             if trainer.is_global_zero:  # DDP's other ranks share the output dir
@@ -102,7 +101,6 @@ def _fit_and_test(cfg: DictConfig, trainer, model, dm, history, ckpt_dir: Path) 
     """Fit (resuming a requeued job's checkpoint), test the configured weights: the summary metrics.json holds
     and the per-epoch rows of fit."""
     from mnistlab.callbacks import clean_float
-    from mnistlab.cluster import resume_checkpoint
 
     start = time.perf_counter()
     trainer.fit(model, datamodule=dm, ckpt_path=resume_checkpoint(cfg.ckpt_path, ckpt_dir))
@@ -115,11 +113,9 @@ def _fit_and_test(cfg: DictConfig, trainer, model, dm, history, ckpt_dir: Path) 
     best = effective_test_ckpt(cfg) == "best" and ckpt_cb is not None and ckpt_cb.best_model_path
     test_ckpt = "best" if best else None  # None: the weights in memory, i.e. the last epoch's
     trainer.test(model, datamodule=dm, ckpt_path=test_ckpt, verbose=False)
-    test_metrics = {k: clean_float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
-    metrics = {  # keys: outputs.SUMMARY_KEYS
-        "test/acc": test_metrics["test/acc"],
-        "test/loss": test_metrics["test/loss"],
-        **({"val/acc_best": fit_metrics.get("val/acc_best", float("nan"))} if cfg.data.validation else {}),
+    metrics = {  # keys: metrics.SUMMARY_KEYS
+        **{k: clean_float(trainer.callback_metrics[k]) for k in TEST_KEYS},
+        **({OBJECTIVE: fit_metrics.get(OBJECTIVE, float("nan"))} if cfg.data.validation else {}),
         "epochs": len(rows),
         "fit_seconds": round(fit_seconds, 3),
         "samples_per_second": round(model.samples_seen / fit_seconds, 1),
@@ -135,12 +131,12 @@ def hydra_main(cfg: DictConfig) -> float | None:
     hc = _hydra()
     in_sweep = hc is not None and str(hc.mode) == "RunMode.MULTIRUN"
     from mnistlab.exits import interrupt_exit_code
-    from mnistlab.sweep import write_trial_status
+    from mnistlab.trial_status import write_trial_status
 
     try:
         # The sweep objective: never the test accuracy (tuning on test is optimistic by construction); a
         # validation-free run (data.validation=false) has none and returns None.
-        return train(cfg).get("val/acc_best")
+        return train(cfg).get(cfg.optimized_metric)
     except BaseException as e:
         code = interrupt_exit_code(e)
         if in_sweep and code is not None:  # scancel, preemption, a time limit, Ctrl-C: the trial says so itself

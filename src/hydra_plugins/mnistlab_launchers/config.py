@@ -1,10 +1,10 @@
-"""`hydra/launcher: mnistlab_joblib` and `mnistlab_submitit_local`: Hydra's own configs plus the memory knob."""
+"""`hydra/launcher: mnistlab_joblib`, `mnistlab_submitit_local` and `mnistlab_stacked`: only settings the launcher
+honours (mnistlab_joblib keeps joblib's n_jobs, not its pool's settings: it runs its own processes)."""
 
 from dataclasses import dataclass
 from typing import Optional
 
 from hydra.core.config_store import ConfigStore
-from hydra_plugins.hydra_joblib_launcher.config import JobLibLauncherConf
 from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf
 
 # Peak RSS of one trial on real MNIST (55k/5k/10k, batch 32, 5 epochs, MLflow with plots and model), measured with
@@ -13,8 +13,10 @@ MEM_PER_TRIAL_GB = 1.6
 
 
 @dataclass
-class ContainedJoblibConf(JobLibLauncherConf):
+class ContainedJoblibConf:
     _target_: str = "hydra_plugins.mnistlab_launchers.launchers.ContainedJoblibLauncher"
+    # trials at once (-1: one per core); capped by cores and memory
+    n_jobs: int = -1
     # peak memory of one trial: at most available memory / this many trials run at once
     mem_per_trial_gb: float = MEM_PER_TRIAL_GB
 

@@ -6,22 +6,53 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Sequence
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.singleton import Singleton
-from hydra._internal.core_plugins.basic_launcher import BasicLauncher
-from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, setup_globals
-from hydra_plugins.hydra_joblib_launcher.joblib_launcher import JoblibLauncher
+from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
+from hydra.plugins.launcher import Launcher
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
 RESULT_FILE = ".mnistlab_stacked.pt"  # a stacked member's results, in its job dir until its job adopts them
 _config_lock = threading.Lock()
+
+
+def execute_job(idx: int, overrides: Sequence[str], hydra_context, config, task_function, singleton_state) -> JobReturn:
+    """One Hydra job in a worker process, as Hydra's joblib launcher runs it, from Hydra's public API only (the
+    joblib plugin's own execute_job is private: hydra_plugins.hydra_joblib_launcher._core)."""
+    setup_globals()
+    Singleton.set_state(singleton_state)
+    sweep_config = hydra_context.config_loader.load_sweep_config(config, list(overrides))
+    with open_dict(sweep_config):
+        sweep_config.hydra.job.id = f"{sweep_config.hydra.job.name}_{idx}"
+        sweep_config.hydra.job.num = idx
+    HydraConfig.instance().set_config(sweep_config)
+    return run_job(hydra_context=hydra_context, config=sweep_config, task_function=task_function,
+                   job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+
+
+def submitit_executor(launcher):
+    """The submitit executor of a submitit launcher's params, set up as upstream's BaseSubmititLauncher.launch does
+    (hydra-submitit-launcher 1.2) up to its map_array; the local and the SLURM launcher both start from it."""
+    import submitit
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+
+    specific_init_keys = {"max_num_timeout"}
+    init_params = {"folder": launcher.params["submitit_folder"]}
+    init_params.update({f"{launcher._EXECUTOR}_{k}": v for k, v in launcher.params.items() if k in specific_init_keys})
+    executor = submitit.AutoExecutor(cluster=launcher._EXECUTOR, **init_params)
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    init_keys = specific_init_keys | {"submitit_folder"}
+    executor.update_parameters(**{k if k in base else f"{launcher._EXECUTOR}_{k}": v
+                                  for k, v in launcher.params.items() if k not in init_keys})
+    return executor
 
 
 def _dead_trial(launcher, overrides: Sequence[str], num: int, pid: int | None, reason: str) -> JobReturn:
@@ -51,20 +82,24 @@ def _announce(launcher, job_overrides, initial_job_idx: int) -> None:
         log.info("\t#%d : %s", initial_job_idx + i, " ".join(filter_overrides(overrides)))
 
 
-class ContainedJoblibLauncher(JoblibLauncher):
-    """n_jobs trials at a time (capped by cores and memory), each in its own process (see mnistlab.launching)."""
+class ContainedJoblibLauncher(Launcher):
+    """n_jobs trials at a time (capped by cores and memory), each in its own process (see mnistlab.launching): Hydra's
+    joblib launcher's behaviour and n_jobs, without joblib (its pool fails every trial when one worker dies)."""
 
-    def __init__(self, mem_per_trial_gb: float, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.mem_per_trial_gb = mem_per_trial_gb
+    def __init__(self, n_jobs: int, mem_per_trial_gb: float) -> None:
+        super().__init__()
+        self.n_jobs, self.mem_per_trial_gb = n_jobs, mem_per_trial_gb
+        self.config = self.hydra_context = self.task_function = None
+
+    def setup(self, *, hydra_context, task_function, config) -> None:
+        self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from hydra_plugins.hydra_joblib_launcher._core import execute_job
-
-        from mnistlab.launching import PARALLEL_ENV, ContainedTrials, available_cores, trial_capacity
+        from mnistlab.launching import ContainedTrials, trial_capacity
+        from mnistlab.threads import PARALLEL_ENV, available_cores
 
         _announce(self, job_overrides, initial_job_idx)
-        n_jobs = self.joblib.get("n_jobs") or -1
+        n_jobs = self.n_jobs or -1
         requested = min(len(job_overrides), available_cores() if n_jobs < 0 else n_jobs)
         n = trial_capacity(requested, self.mem_per_trial_gb)
         os.environ[PARALLEL_ENV] = str(n)
@@ -85,25 +120,14 @@ class CappedLocalLauncher(LocalLauncher):
         super().__init__(**params)
         self.mem_per_trial_gb, self.max_parallel = mem_per_trial_gb, max_parallel
 
-    def _executor(self):
-        """Hydra's executor set-up (BaseSubmititLauncher.launch), without its map_array."""
-        import submitit
-        from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
-        from omegaconf import OmegaConf
-
-        executor = submitit.AutoExecutor(cluster=self._EXECUTOR, folder=self.params["submitit_folder"])
-        base = set(OmegaConf.structured(BaseQueueConf).keys())
-        executor.update_parameters(**{k if k in base else f"{self._EXECUTOR}_{k}": v
-                                      for k, v in self.params.items() if k != "submitit_folder"})
-        return executor
-
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from mnistlab.launching import PARALLEL_ENV, death_reason, trial_capacity
+        from mnistlab.launching import death_reason, trial_capacity
+        from mnistlab.threads import PARALLEL_ENV
 
         _announce(self, job_overrides, initial_job_idx)
         n = trial_capacity(min(len(job_overrides), self.max_parallel or len(job_overrides)), self.mem_per_trial_gb)
         os.environ[PARALLEL_ENV] = str(n)  # submitit's processes inherit it: configure_threads gives each cores // n threads
-        executor = self._executor()
+        executor = submitit_executor(self)
         pending = list(enumerate(job_overrides))
         jobs: list = []
         while pending or any(not j.done() for j in jobs):
@@ -127,9 +151,8 @@ def _stack_worker(cfgs, jobs, files: list[Path], root: Path, parallel: int, hydr
     """In a stack process: train the stack (mnistlab.stacked.fit), then run each member's Hydra job as joblib's
     workers do (execute_job: run_job with the normal task function), which adopts the member's results from its file;
     if the stack's fit raised (e.g. out of memory), each member trains on its own instead, said in the log."""
-    from hydra_plugins.hydra_joblib_launcher._core import execute_job
-
-    from mnistlab.stacked.adopt import RESULT_ENV
+    from mnistlab.launch_context import fitted_elsewhere
+    from mnistlab.stacked.adopt import AdoptedFit
     from mnistlab.stacked.fit import train_group
 
     setup_globals()
@@ -145,32 +168,33 @@ def _stack_worker(cfgs, jobs, files: list[Path], root: Path, parallel: int, hydr
         stacked = False
     out = []
     for (num, overrides), file in zip(jobs, files):
-        if stacked:
-            os.environ[RESULT_ENV] = str(file)
         try:
-            out.append(execute_job(num, overrides, hydra_context, config, task_function, singleton_state))
+            with fitted_elsewhere(AdoptedFit(file)) if stacked else nullcontext():
+                out.append(execute_job(num, overrides, hydra_context, config, task_function, singleton_state))
         finally:
-            os.environ.pop(RESULT_ENV, None)
             file.unlink(missing_ok=True)
     return out
 
 
 def _one_job(job: tuple[int, list[str]], hydra_context, config, task_function, singleton_state) -> list[JobReturn]:
     """A trial that is not stacked, in a stack process: Hydra's joblib worker function."""
-    from hydra_plugins.hydra_joblib_launcher._core import execute_job
-
     return [execute_job(*job, hydra_context, config, task_function, singleton_state)]
 
 
-class StackedLauncher(BasicLauncher):
+class StackedLauncher(Launcher):
     """launcher=stacked: compatible trials trained together, one fit per stack (mnistlab.stacked), n_jobs stacks at
-    once, each in its own process (loky, as joblib's launcher), where each member's Hydra job then runs and adopts
-    its results; trials that cannot be stacked run one per process through the same run_job, as joblib runs them."""
+    once, each in its own process with the joblib launcher's containment (mnistlab.launching.ContainedTrials: a dead
+    stack process fails its own trials, the others go on), where each member's Hydra job then runs and adopts its
+    results; trials that cannot be stacked (any other app's jobs too) run one per process through the same run_job."""
 
     def __init__(self, max_members: int, mem_per_member_mb: float, n_jobs: int, mem_per_trial_gb: float) -> None:
         super().__init__()
         self.max_members, self.mem_per_member_mb = max_members, mem_per_member_mb
         self.n_jobs, self.mem_per_trial_gb = n_jobs, mem_per_trial_gb
+        self.config = self.hydra_context = self.task_function = None
+
+    def setup(self, *, hydra_context, task_function, config) -> None:
+        self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
 
     def _compose(self, overrides: Sequence[str], num: int):
         """The job's config as Hydra's launchers compose it."""
@@ -180,41 +204,41 @@ class StackedLauncher(BasicLauncher):
         return cfg
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from joblib.externals.loky import ProcessPoolExecutor
-
-        from mnistlab.launching import PARALLEL_ENV, available_cores, death_reason, trial_capacity
+        from mnistlab.launching import ContainedTrials, trial_capacity
         from mnistlab.paths import root_of
         from mnistlab.stacked.plan import plan
+        from mnistlab.threads import PARALLEL_ENV, available_cores
 
         _announce(self, job_overrides, initial_job_idx)
         jobs = [(initial_job_idx + i, list(o)) for i, o in enumerate(job_overrides)]
         cfgs = [self._compose(o, num) for num, o in jobs]
-        root = root_of(cfgs[0].paths.root)
+        root = root_of(OmegaConf.select(cfgs[0], "paths.root", default=None))  # None: not an mnistlab app
         workers = trial_capacity(available_cores() if self.n_jobs < 0 else self.n_jobs, self.mem_per_trial_gb)
         groups, alone = plan(cfgs, self.max_members, self.mem_per_member_mb, root, workers)
         units = groups + [[i] for i in sorted(alone)]
         workers = min(workers, len(units))
-        os.environ[PARALLEL_ENV] = str(workers)  # inherited: every trial and stack gets cores // workers threads
+        os.environ[PARALLEL_ENV] = str(workers)  # every trial and stack gets cores // workers threads
         shared = (self.hydra_context, self.config, self.task_function, Singleton.get_state())
-        results: dict[int, JobReturn] = {}
-        executor = ProcessPoolExecutor(max_workers=workers)
-        try:
-            futures = []
-            for unit in units:
-                if unit in groups:
-                    files = [Path(str(cfgs[i].hydra.sweep.dir)) / str(cfgs[i].hydra.sweep.subdir) / RESULT_FILE
-                             for i in unit]
-                    futures.append(executor.submit(_stack_worker, [cfgs[i] for i in unit], [jobs[i] for i in unit],
-                                                   files, root, workers, *shared))
-                else:
-                    futures.append(executor.submit(_one_job, jobs[unit[0]], *shared))
-            for unit, future in zip(units, futures):
-                try:
-                    results.update(zip(unit, future.result()))
-                except Exception as e:  # the process died (loky's TerminatedWorkerError): its trials are DIED
-                    codes = re.search(r"exit codes of the workers are \{([^}]*)\}", str(e))  # e.g. SIGKILL(-9)
-                    reason = f"{death_reason(None)} ({type(e).__name__}{': ' + codes.group(1) if codes else ''})"
-                    results.update({i: _dead_trial(self, jobs[i][1], jobs[i][0], None, reason) for i in unit})
-        finally:  # after Ctrl-C or SIGTERM too: no stack process outlives the sweep
-            executor.shutdown(wait=True, kill_workers=True)
+        args = []
+        for unit in units:
+            if unit in groups:
+                # absolute: the member's job may chdir into its dir (hydra.job.chdir=true) before adopting it
+                files = [(Path(str(cfgs[i].hydra.sweep.dir)) / str(cfgs[i].hydra.sweep.subdir) / RESULT_FILE).absolute()
+                         for i in unit]
+                args.append((_stack_worker, [cfgs[i] for i in unit], [jobs[i] for i in unit], files, root, workers,
+                             *shared))
+            else:
+                args.append((_one_job, jobs[unit[0]], *shared))
+
+        def dead_unit(k: int, pid: int | None, reason: str) -> list[JobReturn]:
+            # each member's own pid (in its status file) if its job had started, else none: it gets a FAILED run
+            return [_dead_trial(self, jobs[i][1], jobs[i][0], None, reason) for i in units[k]]
+
+        done = ContainedTrials(workers).run(_call, args, dead_unit)
+        results = {i: r for unit, rets in zip(units, done) for i, r in zip(unit, rets)}
         return [results[i] for i in range(len(cfgs))]
+
+
+def _call(fn, *args):
+    """ContainedTrials runs one callable: this one runs a unit's (stack or single trial)."""
+    return fn(*args)

@@ -11,8 +11,6 @@ from typing import Any, List, Sequence
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
-from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
-from omegaconf import OmegaConf
 
 log = logging.getLogger(__name__)
 
@@ -24,21 +22,13 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
     first such job (or, without sacct, waits forever), which drops the whole sweep and its report."""
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        import submitit
-
+        from hydra_plugins.mnistlab_launchers.launchers import submitit_executor
         from mnistlab.cluster import close_trial_run, wait_for_jobs
-        from mnistlab.sweep import mark_died
+        from mnistlab.trial_status import mark_died
 
         # Up to map_array: upstream's BaseSubmititLauncher.launch (hydra-submitit-launcher 1.2), unchanged.
         assert self.config is not None and len(job_overrides) > 0
-        specific_init_keys = {"max_num_timeout"}
-        init_params = {"folder": self.params["submitit_folder"]}
-        init_params.update({f"{self._EXECUTOR}_{x}": y for x, y in self.params.items() if x in specific_init_keys})
-        executor = submitit.AutoExecutor(cluster=self._EXECUTOR, **init_params)
-        baseparams = set(OmegaConf.structured(BaseQueueConf).keys())
-        init_keys = specific_init_keys | {"submitit_folder"}
-        executor.update_parameters(**{x if x in baseparams else f"{self._EXECUTOR}_{x}": y
-                                      for x, y in self.params.items() if x not in init_keys})
+        executor = submitit_executor(self)
         log.info(f"Submitit '{self._EXECUTOR}' sweep output dir : {self.config.hydra.sweep.dir}")
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -65,6 +55,7 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
             mark_died(sweep_dir / str(params[2]), f"SLURM job {job.job_id} ended {state} without a result")
             log.warning("trial %s (job %s) ended %s without a result; its MLflow run is %s", params[2], job.job_id,
                         state, status)
-            results.append(JobReturn(overrides=params[0], status=JobStatus.COMPLETED, _return_value=None,
-                                     task_name=str(self.config.hydra.job.name)))
+            ret = JobReturn(overrides=params[0], status=JobStatus.COMPLETED, task_name=str(self.config.hydra.job.name))
+            ret.return_value = None
+            results.append(ret)
         return results

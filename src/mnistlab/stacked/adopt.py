@@ -1,26 +1,28 @@
 """A stacked member's trial, inside train(): its results adopted from the stack's fit instead of fitting again.
 
 The launcher trained the member in a stack and left its result file; train() runs as for any trial (config checks,
-its MLflow run, params, trainer, test, artifacts, metrics.json, curves.csv) and calls adopt() where it would fit.
+its MLflow run, params, trainer, test, artifacts, metrics.json, curves.csv) and calls the AdoptedFit the launcher
+installed around its job (mnistlab.launch_context) where it would fit.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
-# set by the stacked launcher around one member's Hydra job: the member's result file (never a config override, which
-# would change the recorded config and its hash)
-RESULT_ENV = "MNISTLAB_STACKED_RESULT"
+from mnistlab.compat import set_fit_progress
+from mnistlab.metrics import CURVE_KEYS, OBJECTIVE, STEP_LOSS, TEST_KEYS
 
+class AdoptedFit:
+    """The fit of a member's trial (launch_context.Fit): its results adopted from its result file."""
 
-def adopted_result() -> Path | None:
-    """The result file this trial adopts, when the stacked launcher runs it."""
-    path = os.environ.get(RESULT_ENV)
-    return Path(path) if path else None
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __call__(self, cfg: DictConfig, trainer, model, dm, history, ckpt_dir: Path) -> tuple[dict, list[dict]]:
+        return adopt(self.path, cfg, trainer, model, dm, ckpt_dir)
 
 
 def _log_curves(trainer, r: dict) -> None:
@@ -30,22 +32,13 @@ def _log_curves(trainer, r: dict) -> None:
         for e, row in enumerate(r["rows"]):
             for epoch, step, value in r["step_losses"]:
                 if epoch == e:
-                    logger.log_metrics({"train/loss_step": value, "epoch": e}, step=step)
-            val = {k: row[k] for k in ("val/loss", "val/acc", "val/acc_best") if k in row}
+                    logger.log_metrics({STEP_LOSS: value, "epoch": e}, step=step)
+            val = {k: row[k] for k in (*CURVE_KEYS, OBJECTIVE) if k.startswith("val/") and k in row}
             if val:
                 logger.log_metrics({**val, "epoch": e}, step=e + 1)
-            logger.log_metrics({"train/loss": row["train/loss"], "train/acc": row["train/acc"], "epoch": e}, step=e + 1)
+            train = {k: row[k] for k in CURVE_KEYS if k.startswith("train/")}
+            logger.log_metrics({**train, "epoch": e}, step=e + 1)
         logger.save()
-
-
-def _set_progress(trainer, epochs: int, steps: int) -> None:
-    """The trainer as a fit of `epochs` epochs and `steps` steps leaves it, so test/* and the summary metrics are
-    logged at the ordinary run's steps (Lightning reads these counters; no public setter)."""
-    trainer.fit_loop.epoch_progress.current.completed = epochs
-    loop = trainer.fit_loop.epoch_loop
-    loop.automatic_optimization.optim_progress.optimizer.step.total.completed = steps
-    loop.manual_optimization.optim_step_progress.total.completed = steps
-    loop._batches_that_stepped = steps
 
 
 def _save_checkpoint(path: Path, model, r: dict) -> None:
@@ -69,7 +62,7 @@ def adopt(path: Path, cfg: DictConfig, trainer, model, dm, ckpt_dir: Path) -> tu
     _log_curves(trainer, r)
     if r["error"]:
         raise NonFiniteLossError(r["error"])
-    _set_progress(trainer, r["current_epoch"], r["global_step"])
+    set_fit_progress(trainer, r["current_epoch"], r["global_step"])
     model.samples_seen = r["samples_seen"]
     ckpt_cb = trainer.checkpoint_callback
     folder = Path(ckpt_cb.dirpath) if ckpt_cb is not None and ckpt_cb.dirpath else ckpt_dir
@@ -84,12 +77,10 @@ def adopt(path: Path, cfg: DictConfig, trainer, model, dm, ckpt_dir: Path) -> tu
         _save_checkpoint(Path(ckpt_cb.best_model_path), model, r)
     model.net.load_state_dict(r["best"] if best else r["last"])
     trainer.test(model, datamodule=dm, verbose=False)
-    test = {k: clean_float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
-    rows = [{k: v for k, v in row.items() if k != "val/acc_best"} for row in r["rows"]]
+    rows = [{k: v for k, v in row.items() if k != OBJECTIVE} for row in r["rows"]]
     return {
-        "test/acc": test["test/acc"],
-        "test/loss": test["test/loss"],
-        "val/acc_best": clean_float(max((row["val/acc"] for row in rows), default=float("nan"))),
+        **{k: clean_float(trainer.callback_metrics[k]) for k in TEST_KEYS},
+        OBJECTIVE: clean_float(max((row["val/acc"] for row in rows), default=float("nan"))),
         "epochs": len(rows),
         "fit_seconds": round(r["fit_seconds"], 3),
         "samples_per_second": round(r["samples_seen"] / r["fit_seconds"], 1),

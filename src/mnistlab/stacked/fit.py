@@ -13,6 +13,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mnistlab.callbacks import non_finite_message
+from mnistlab.config import MLP_TARGET
+from mnistlab.metrics import OBJECTIVE
 from mnistlab.stacked.nets import StackedBatches, StackedMLP, StackedOptimizer, member_losses, optimizer_rule
 
 log = logging.getLogger("mnistlab.stacked")
@@ -25,12 +27,21 @@ def _plain(node) -> object:
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
+# what a job's config must hold to be an mnistlab trial the stack can train (any other app's jobs run one by one)
+TRIAL_KEYS = ("seed", "model", "optimizer", "data", "trainer", "callbacks", "logger", "paths")
+
+
 def stack_problem(cfg: DictConfig) -> str | None:
     """Why the trial of `cfg` cannot be trained in a stack (None: it can)."""
+    missing = [k for k in TRIAL_KEYS if k not in cfg]
+    if missing:
+        return f"not an mnistlab trial (its config has no {', '.join(missing)})"
     rule, why = optimizer_rule(_plain(cfg.optimizer))
     if rule is None:
         return why
     trainer = _plain(cfg.trainer)
+    if cfg.model.get("_target_") != MLP_TARGET:
+        return f"model {cfg.model.get('_target_')} has no stacked form (only the MLP stacks)"
     checks = [
         (cfg.model.dropout == 0, "dropout needs each member's own random masks"),
         (cfg.data.validation, "data.validation=false is not stacked"),
@@ -154,7 +165,7 @@ class StackedModule(pl.LightningModule):
                 continue
             row = {"epoch": self.current_epoch + 1, "train/loss": loss[m], "train/acc": acc[m]}
             if val is not None:
-                row.update({k: v[m] for k, v in val.items()}, **{"val/acc_best": self.best_acc[m]})
+                row.update({k: v[m] for k, v in val.items()}, **{OBJECTIVE: self.best_acc[m]})
             self.rows[m].append(row)
 
     def member_result(self, m: int) -> dict:
@@ -163,7 +174,7 @@ class StackedModule(pl.LightningModule):
             "rows": self.rows[m], "error": self.errors[m], "best": self.best[m], "last": self.stack.member_state(m),
             "step_losses": [(e, s, float(v[m])) for e, s, v in self.step_losses],
             "samples_seen": self.samples_seen, "global_step": self.trainer.global_step,
-            "current_epoch": self.trainer.current_epoch, "members": self.stack.members,
+            "current_epoch": self.trainer.current_epoch,
         }
 
 
@@ -185,11 +196,11 @@ def train_group(cfgs: list[DictConfig], result_files: list[Path], root: Path, pa
     seconds."""
     import hydra
 
-    from mnistlab.cluster import lightning_plugins
     from mnistlab.data.datamodule import DeviceBatches, MnistDataModule
-    from mnistlab.launching import configure_threads
     from mnistlab.logging_setup import quiet_lightning
     from mnistlab.paths import resolve
+    from mnistlab.requeue import lightning_plugins
+    from mnistlab.threads import configure_threads
 
     quiet_lightning()
     order = sorted(range(len(cfgs)), key=lambda i: optimizer_rule(_plain(cfgs[i].optimizer))[0])  # rules contiguous
@@ -219,5 +230,5 @@ def train_group(cfgs: list[DictConfig], result_files: list[Path], root: Path, pa
         raise KeyboardInterrupt("stacked training was interrupted")
     for m, path in enumerate(result_files):
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({**module.member_result(m), "fit_seconds": seconds / len(cfgs), "group_fit_seconds": seconds}, path)
+        torch.save({**module.member_result(m), "fit_seconds": seconds / len(cfgs)}, path)
     return seconds

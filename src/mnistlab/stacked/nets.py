@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from mnistlab.data.datamodule import DeviceBatches, epoch_permutation
+from mnistlab.optim import keras_rmsprop_
 
 # Optimizer families that can be stacked: name of the optimizer config's _target_ -> rule.
 SGD, RMSPROP, RMSPROP_MOMENTUM, KERAS = "sgd", "rmsprop", "rmsprop_momentum", "rmsprop_keras"
@@ -47,7 +48,7 @@ def linear_layers(net: nn.Sequential) -> list[nn.Linear]:
 
 
 class StackedMLP(nn.Module):
-    """The members' nets (build_mlp's Linear/activation stacks, no dropout) as one: layer i holds weights [M, out, in]
+    """The members' nets (nets.MLP's Linear/activation stacks, no dropout) as one: layer i holds weights [M, out, in]
     (nn.Linear's layout) and biases [M, out], so the optimizer updates all members with a few tensor ops.
 
     Forward: each member's layers as nn.Linear computes them (F.linear on unbind() views, whose backward stacks the
@@ -154,7 +155,6 @@ class StackedOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, rules: list[str], opts: list[dict]):
         super().__init__(list(params), {})
-        self.rules = rules
         # on the parameters' device (Lightning builds the optimizer after moving the module): no copy per step
         self.hyper = Hyper.of(opts, self.param_groups[0]["params"][0].device)
         self.frozen: set[int] = set()
@@ -240,10 +240,10 @@ class StackedOptimizer(torch.optim.Optimizer):
         if weight_decay:
             G = G.add(P, alpha=weight_decay)
         sq = self._buffer(state, "square_avg", p)[m]
-        sq.mul_(alpha).addcmul_(G, G, value=1 - alpha)
         if rule == KERAS:
-            P.addcdiv_(G, sq.add(eps).sqrt_(), value=-lr)
+            keras_rmsprop_(P, G, sq, lr, alpha, eps)
             return
+        sq.mul_(alpha).addcmul_(G, G, value=1 - alpha)
         avg = sq.sqrt().add_(eps)
         if rule == RMSPROP_MOMENTUM:
             buf = self._buffer(state, "momentum_buffer", p)[m]

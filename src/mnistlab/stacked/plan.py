@@ -67,12 +67,12 @@ def plan(cfgs: list[DictConfig], max_members: int, mem_per_member_mb: float, roo
     alone: list[int] = []
     by_key: dict[str, list[int]] = {}
     for i, cfg in enumerate(cfgs):
-        reused = reused_run(cfg)
+        why = stack_problem(cfg)
+        reused = None if why else reused_run(cfg)
         if reused:
             log.info("trial %s is not stacked: its job reuses FINISHED run %s (reuse_finished)", cfg.hydra.job.num, reused)
             alone.append(i)
             continue
-        why = stack_problem(cfg)
         if why:
             log.info("trial %s trains on its own, not stacked: %s", cfg.hydra.job.num, why)
             alone.append(i)

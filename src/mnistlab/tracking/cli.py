@@ -11,7 +11,8 @@ import socket
 
 import psutil
 
-from mnistlab.tracking.tags import HOST_TAG, NOTE_TAG, PID_TAG, PROC_START_TAG
+from mnistlab.tracking.status import end_run
+from mnistlab.tracking.tags import HOST_TAG, PID_TAG, PROC_START_TAG
 
 
 def process_alive(pid: int, start_time: str | None) -> bool:
@@ -36,8 +37,8 @@ def clean_stale(client, experiment_names: list[str] | None = None, dry_run: bool
             continue
         killed.append(run.info.run_id)
         if not dry_run:
-            client.set_tag(run.info.run_id, NOTE_TAG, f"**KILLED** by clean-stale: process {tags[PID_TAG]} on {host} is gone")
-            client.set_terminated(run.info.run_id, "KILLED")
+            end_run(client, run.info.run_id, "KILLED",
+                    note=f"**KILLED** by clean-stale: process {tags[PID_TAG]} on {host} is gone")
         print(f"{'would kill' if dry_run else 'killed'} {run.info.run_id} {run.info.run_name!r} (pid {tags[PID_TAG]} gone)")
     return killed
 
@@ -45,8 +46,6 @@ def clean_stale(client, experiment_names: list[str] | None = None, dry_run: bool
 def end_runs_of_process(client, pid: int, status: str, reason: str) -> list[str]:
     """End the RUNNING runs that process `pid` on this host opened (a sweep trial whose process died) with
     `status` and `reason` on the run, as a failed run carries its error."""
-    from mnistlab.tracking.tags import ERROR_TAG
-
     host = socket.gethostname()
     exps = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(
@@ -54,9 +53,7 @@ def end_runs_of_process(client, pid: int, status: str, reason: str) -> list[str]
         max_results=100,
     )
     for run in runs:
-        client.set_tag(run.info.run_id, ERROR_TAG, reason)
-        client.set_tag(run.info.run_id, NOTE_TAG, f"**{status}**: {reason}")
-        client.set_terminated(run.info.run_id, status)
+        end_run(client, run.info.run_id, status, reason)
     return [r.info.run_id for r in runs]
 def serve_ui(host: str, port: int, experiment: str | None = None, overrides: list[str] | None = None) -> None:
     """Print the link to the experiment's training runs, then become `mlflow ui` over the project's store."""

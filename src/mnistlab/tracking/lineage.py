@@ -41,7 +41,7 @@ def dataset_inputs(meta: dict, source_uri: str) -> list:
     # resolve_dataset_source() warns that a local path matches two registered source classes.
     if source_uri.startswith(("http://", "https://")):
         source = HTTPDatasetSource(source_uri)
-        source_type, source_json = source._get_source_type(), source.to_json()
+        source_type, source_json = "http", source.to_json()  # HTTPDatasetSource's type name
     else:
         source_type, source_json = "local", json.dumps({"uri": source_uri})
     counts = meta.get("counts", {})

@@ -12,8 +12,8 @@ from torchvision.utils import make_grid  # noqa: E402
 
 
 def curves_figure(rows: list[dict[str, float]], title: str = ""):
-    """One panel per metric of callbacks.CURVE_KEYS (loss, acc), one line per split (train, val)."""
-    from mnistlab.callbacks import CURVE_KEYS
+    """One panel per metric of metrics.CURVE_KEYS (loss, acc), one line per split (train, val)."""
+    from mnistlab.metrics import CURVE_KEYS
 
     metrics = list(dict.fromkeys(k.split("/", 1)[1] for k in CURVE_KEYS))
     splits = list(dict.fromkeys(k.split("/", 1)[0] for k in CURVE_KEYS))

@@ -20,14 +20,15 @@ DONE = ("FINISHED", "FAILED", "KILLED")
 
 def sweep_size(config) -> int | None:
     """How many trials the basic sweeper will launch (grid of hydra.sweeper.params and command-line sweeps)."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from mnistlab.compat import basic_sweep_batches
 
     if "BasicSweeper" not in str(config.hydra.sweeper.get("_target_", "")):
         return None
     params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
     parsed = OverridesParser.create().parse_overrides(params + list(config.hydra.overrides.task))
-    return sum(len(batch) for batch in BasicSweeper.split_arguments(parsed, None))
+    return sum(len(batch) for batch in basic_sweep_batches(parsed))
 
 
 def progress_line(client, experiment_id: str, parent_id: str, total: int | None) -> str:

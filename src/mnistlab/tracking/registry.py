@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+from mnistlab.metrics import OBJECTIVE
 from mnistlab.tracking.run import fluent_uri
 
 log = logging.getLogger("mnistlab.registry")
@@ -25,7 +26,7 @@ def register_champion(client, run_id: str, sweep_run_id: str | None, name: str =
         return None
     tags = {"mnistlab.run_id": run_id, "mnistlab.run_name": run.info.run_name or "",
             "mnistlab.sweep_run_id": sweep_run_id or "",
-            **{k: str(v) for k, v in run.data.metrics.items() if k in ("val/acc_best", "test/acc")}}
+            **{k: str(v) for k, v in run.data.metrics.items() if k in (OBJECTIVE, "test/acc")}}
     with fluent_uri(client.tracking_uri):
         version = mlflow.register_model(f"runs:/{run_id}/{MODEL_ARTIFACT}", name, tags=tags).version
     client.set_registered_model_alias(name, CHAMPION, version)

@@ -19,7 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from mnistlab.tracking.tags import CONFIG_HASH_TAG, NOTE_TAG, REUSED_TAG
 
 # Top-level keys that say where a run writes, how it logs or how the sweep runs, not what it trains.
-_NOT_SEMANTIC = ("paths", "logger", "hydra", "num_threads", "task_name", "ckpt_path", "study", "reuse_finished")
+_NOT_SEMANTIC = ("paths", "logger", "hydra", "num_threads", "task_name", "ckpt_path", "study", "reuse_finished",
+                 "optimized_metric")
 _NOT_SEMANTIC_NESTED = (
     "data.raw_dir", "data.processed_dir", "data.verify_checksums",
     "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps",
@@ -27,7 +28,7 @@ _NOT_SEMANTIC_NESTED = (
     "callbacks.finite_loss.check_every_n_steps",
 )
 # The modules whose code decides a trial's numbers; editing one of them invalidates earlier results.
-_NUMERIC_MODULES = ("model.py", "callbacks.py", "data/datamodule.py", "optim.py")
+_NUMERIC_MODULES = ("model.py", "nets.py", "callbacks.py", "data/datamodule.py", "optim.py")
 
 
 def _code_digest() -> str:

@@ -20,9 +20,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mnistlab.callbacks import clean_float
+from mnistlab.tracking.status import end_run
 from mnistlab.tracking.tags import ERROR_TAG, NOTE_TAG, SWEEP_DIR_TAG
 
-MAX_TAG_CHARS = 5000
 
 
 class RunOwnedMLFlowLogger(MLFlowLogger):
@@ -40,6 +40,8 @@ the epoch; per-step ones (`*_step`) keep the global step. Values lose their floa
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._pending: list = []
+        # what MLFlowLogger passes to log_batch itself (it keeps it in a private attribute)
+        self.batch_kwargs = {} if kwargs.get("synchronous") is None else {"synchronous": kwargs["synchronous"]}
 
     @rank_zero_only
     def log_metrics(self, metrics, step=None) -> None:
@@ -58,7 +60,7 @@ the epoch; per-step ones (`*_step`) keep the global step. Values lose their floa
     @rank_zero_only
     def flush(self) -> None:
         if self._pending:
-            self.experiment.log_batch(run_id=self.run_id, metrics=self._pending, **self._log_batch_kwargs)
+            self.experiment.log_batch(run_id=self.run_id, metrics=self._pending, **self.batch_kwargs)
             self._pending = []
 
     def finalize(self, status: str = "success") -> None:
@@ -198,9 +200,9 @@ class TrackedRun:
                 note += f" ({before.data.tags[ERROR_TAG]})"
             self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in {**self.tags, NOTE_TAG: note}.items()])
         if self.system_metrics:  # CPU, memory, disk, network (GPU when present) as system/* metrics
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+            from mnistlab.compat import system_metrics_monitor
 
-            self._monitor = SystemMetricsMonitor(self.run_id, tracking_uri=self.tracking_uri)
+            self._monitor = system_metrics_monitor(self.run_id, self.tracking_uri)
             self._monitor.start()
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -213,17 +215,16 @@ class TrackedRun:
                 exc.mlflow_run_id = self.run_id
             except AttributeError:
                 pass
+        message = ""
         try:
             flush_async(self.tracking_uri)
             if self.status != "FINISHED":
                 cause = self.seen_exception if isinstance(exc, SystemExit) and self.seen_exception else exc
-                message = f"{type(cause).__name__}: {cause}"[:MAX_TAG_CHARS]
-                self.client.set_tag(self.run_id, ERROR_TAG, message)
-                self.client.set_tag(self.run_id, NOTE_TAG, f"**{self.status}**: {message}")
+                message = f"{type(cause).__name__}: {cause}"
                 text = "".join(traceback.format_exception(type(cause), cause, cause.__traceback__))
                 self.client.log_text(self.run_id, text, "error.txt")
         finally:
-            self.client.set_terminated(self.run_id, self.status)
+            end_run(self.client, self.run_id, self.status, message)
         return False
 
     def logger(self) -> RunOwnedMLFlowLogger:

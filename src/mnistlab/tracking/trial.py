@@ -12,8 +12,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from mnistlab.config import effective_test_ckpt, task_config
-from mnistlab.outputs import SUMMARY_KEYS, write_summary
+from mnistlab.config import MLP_TARGET, effective_test_ckpt, task_config
+from mnistlab.metrics import OBJECTIVE, SUMMARY_KEYS
+from mnistlab.outputs import write_summary
 
 log = logging.getLogger("mnistlab.train")
 # optimizer config keys that are Hydra's, not the optimizer's; `name` is logged as the `optimizer` param
@@ -23,6 +24,15 @@ _NOT_OPTIMIZER_PARAMS = ("name", "_target_", "_partial_")
 def task_overrides(hc) -> list[str]:
     """The command line's overrides of this trial (none outside Hydra)."""
     return list(hc.overrides.task) if hc is not None else []
+
+
+def model_params(model: DictConfig) -> dict:
+    """The chosen net's own settings (its config's keys; its class when it is not the book's MLP), so a new model
+    needs no change here. The data fixes input_size and num_classes: not a choice, not a param."""
+    plain = OmegaConf.to_container(model, resolve=True)
+    target = plain.pop("_target_", MLP_TARGET)
+    return {**({} if target == MLP_TARGET else {"model": target.rpartition(".")[2]}),
+            **{k: v for k, v in plain.items() if k not in ("input_size", "num_classes")}}
 
 
 def curated_params(cfg: DictConfig) -> dict:
@@ -35,10 +45,7 @@ def curated_params(cfg: DictConfig) -> dict:
         "batch_size": cfg.data.batch_size,
         "max_epochs": cfg.trainer.max_epochs,
         "seed": cfg.seed,
-        "hidden_sizes": list(cfg.model.hidden_sizes),
-        "activation": cfg.model.activation,
-        "init": cfg.model.init,
-        "dropout": cfg.model.dropout,
+        **model_params(cfg.model),
         "precision": cfg.trainer.precision,
         "accelerator": cfg.trainer.accelerator,
         "val_size": cfg.data.val_size,
@@ -51,7 +58,7 @@ def curated_params(cfg: DictConfig) -> dict:
 def open_trial_run(cfg: DictConfig, root: Path, meta: dict, hc, out_dir: Path | None = None):
     """The trial's TrackedRun (not yet started): provenance tags, its sweep parent, its config hash, a unique
     name; a requeued SLURM trial (a run id remembered in `out_dir`) reopens its own run instead."""
-    from mnistlab.cluster import previous_run_id, restart_count
+    from mnistlab.requeue import previous_run_id, restart_count
     from mnistlab.run_info import environment_tags, git_tags, run_name
     from mnistlab.tracking.lineage import dataset_inputs, dvc_import_source
     from mnistlab.tracking.resume import config_hash
@@ -100,7 +107,7 @@ def reuse_finished(run, out_dir: Path) -> dict[str, float] | None:
     metrics = {k: v for k, v in original.data.metrics.items() if k in SUMMARY_KEYS}
     write_summary(out_dir, metrics)
     log.info("reused run %s (%s): same config hash, not retrained; val/acc_best=%.4f test/acc=%.4f",
-             original.info.run_id, original.info.run_name, metrics.get("val/acc_best", float("nan")),
+             original.info.run_id, original.info.run_name, metrics.get(OBJECTIVE, float("nan")),
              metrics.get("test/acc", float("nan")))
     return metrics
 

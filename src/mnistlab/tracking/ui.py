@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 
+from mnistlab.metrics import OBJECTIVE
+
 KIND_TAG = "mlflow.experimentKind"
 KIND = "custom_model_development"
 VIEW_KEY = "mnistlab"
 VIEW_TAG_PREFIX = "mlflow.sharedViewState."  # the UI reads the tag named prefix + the link's key
 PARAM_COLUMNS = ("optimizer", "lr", "batch_size", "seed")
-METRIC_COLUMNS = ("val/acc_best", "test/acc")
+METRIC_COLUMNS = (OBJECTIVE, "test/acc")
 
 
 def view_state() -> dict:
