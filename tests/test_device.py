@@ -8,11 +8,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mnistlab.compat import TorchDispatchMode
+from conftest import compose, fast_overrides
+from mnistlab.compat import TorchDispatchMode, compiled_graphs
 from mnistlab.data.datamodule import DeviceBatches
 from mnistlab.model import MnistMLP
 from mnistlab.nets import MLP
 from mnistlab.stacked.nets import StackedBatches, StackedMLP, StackedOptimizer, member_losses, optimizer_rule
+from mnistlab.train import train
 
 # one member of each stacked update rule (and the SGD slice's optional terms)
 OPTS = [
@@ -117,3 +119,20 @@ def test_the_recorder_sees_a_host_sync():
         bool(torch.ones(1) > 0)
         torch.ones(3).nonzero()
     assert syncs.seen == ["aten::_local_scalar_dense", "aten::_local_scalar_dense", "aten::nonzero"]
+
+
+@pytest.mark.slow
+def test_a_compiled_net_trains_as_the_eager_one_on_the_cpu(tmp_path, processed_dir):
+    """compile=default (torch.compile of the net, in place): the same curves and test metrics as the eager run, up to
+    float rounding (inductor fuses the bias and activation), its checkpoint's keys the eager net's."""
+    runs, graphs = {}, []
+    for name, extra in (("eager", []), ("compiled", ["compile=default"])):
+        runs[name] = train(compose(fast_overrides(tmp_path / name, processed_dir) + ["logger=none"] + extra))
+        graphs.append(compiled_graphs())
+    assert graphs[1] > graphs[0]  # the compiled run did compile (the eager one did not)
+    for key in ("test/acc", "val/acc_best"):
+        assert runs["compiled"][key] == pytest.approx(runs["eager"][key], abs=0.011), key  # 1 of 100 val images
+    assert runs["compiled"]["test/loss"] == pytest.approx(runs["eager"]["test/loss"], rel=1e-4)
+    keys = [set(torch.load(tmp_path / n / "out" / "checkpoints" / "best.ckpt", weights_only=False)["state_dict"])
+            for n in runs]
+    assert keys[0] == keys[1]

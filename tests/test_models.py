@@ -43,6 +43,8 @@ def test_a_bad_model_setting_is_named_by_its_net(tmp_path, processed_dir):
         validate(compose(base + ["model.activation=swish"]))
     with pytest.raises(ConfigError, match=r"model\._target_='mnistlab\.nets\.Nope': no such net"):
         validate(compose(base + ["model._target_=mnistlab.nets.Nope"]))
+    with pytest.raises(ConfigError, match=r"compile='fast': must be one of"):
+        validate(compose(base + ["compile=fast"]))
     validate(compose(base + ["model=cnn"]))
 
 

@@ -1,12 +1,20 @@
 """Every private name of a library that mnistlab uses, in one place, each with why no public API does it. Tested with
-lightning 2.6.6, hydra-core 1.3.8, mlflow 3.17.2 and torch 2.14.1; pyproject.toml caps lightning, hydra-core and
-mlflow below their next minor release, so an upgrade that moves one of these names is a deliberate change here."""
+lightning 2.6.6, hydra-core 1.3.8, hydra-submitit-launcher 1.2.0, mlflow 3.17.2 and torch 2.14.1; pyproject.toml caps
+each of them below its next minor release, so an upgrade that moves one of these names is a deliberate change here."""
 
 from __future__ import annotations
 
 import inspect
 
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: F401  (tests/test_device.py: no public export)
+
+
+def compiled_graphs() -> int:
+    """How many graphs torch.compile has captured in this process (tests: that compile=... really compiled); dynamo's
+    counters have no public reader."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 # --- Lightning ---
@@ -44,6 +52,12 @@ def basic_sweep_batches(parsed_overrides) -> list:
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 
     return BasicSweeper.split_arguments(parsed_overrides, None)
+
+
+def submitit_cluster(launcher) -> str:
+    """The submitit cluster ("local", "slurm") of one of hydra-submitit-launcher's launchers: its class attribute
+    _EXECUTOR, which its own launch() reads to build the executor (no public accessor)."""
+    return launcher._EXECUTOR
 
 
 # --- MLflow ---

@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 MLP_TARGET = "mnistlab.nets.MLP"  # the book's net (conf/model/mlp.yaml); checkpoints from before _target_ hold it
 MNIST_TRAIN_SIZE = 60000
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 MAX_SEED = 2**32 - 1  # numpy's (and Lightning's seed_everything) accepted range
 # ckpt_path values Lightning resolves itself rather than as a file
 CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
@@ -76,6 +77,7 @@ def problems(cfg: DictConfig) -> list[str]:
     check(cfg.num_threads is None or (_int(cfg.num_threads) and cfg.num_threads >= 1), "num_threads", "null or >= 1")
     check(cfg.test_ckpt in ("best", "last"), "test_ckpt", "must be 'best' or 'last'")
     check(isinstance(cfg.flush_denormal, bool), "flush_denormal", "must be true or false")
+    check(cfg.get("compile") in COMPILE_MODES, "compile", f"must be one of {list(COMPILE_MODES)} (torch.compile's modes)")
     if data.get("validation") is False:
         for name, cb in (cfg.get("callbacks") or {}).items():
             monitor = str((cb or {}).get("monitor") or "")

@@ -65,6 +65,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
     )
     model.automatic_optimization = use_automatic_optimization(cfg.trainer)
+    if cfg.get("compile"):
+        model.net.compile(mode=cfg.compile)  # in place: the state_dict keys (checkpoints, stacked adoption) stay
 
     # Under DDP, Lightning re-launches this script once per extra GPU (RANK/LOCAL_RANK set): one run, on rank 0.
     rank_zero = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
@@ -136,7 +138,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
     try:
         # The sweep objective: never the test accuracy (tuning on test is optimistic by construction); a
         # validation-free run (data.validation=false) has none and returns None.
-        return train(cfg).get(cfg.optimized_metric)
+        return train(cfg).get(cfg.get("optimized_metric") or OBJECTIVE)
     except BaseException as e:
         code = interrupt_exit_code(e)
         if in_sweep and code is not None:  # scancel, preemption, a time limit, Ctrl-C: the trial says so itself

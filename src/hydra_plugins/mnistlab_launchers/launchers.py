@@ -44,13 +44,16 @@ def submitit_executor(launcher):
     import submitit
     from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 
+    from mnistlab.compat import submitit_cluster
+
+    cluster = submitit_cluster(launcher)
     specific_init_keys = {"max_num_timeout"}
     init_params = {"folder": launcher.params["submitit_folder"]}
-    init_params.update({f"{launcher._EXECUTOR}_{k}": v for k, v in launcher.params.items() if k in specific_init_keys})
-    executor = submitit.AutoExecutor(cluster=launcher._EXECUTOR, **init_params)
+    init_params.update({f"{cluster}_{k}": v for k, v in launcher.params.items() if k in specific_init_keys})
+    executor = submitit.AutoExecutor(cluster=cluster, **init_params)
     base = set(OmegaConf.structured(BaseQueueConf).keys())
     init_keys = specific_init_keys | {"submitit_folder"}
-    executor.update_parameters(**{k if k in base else f"{launcher._EXECUTOR}_{k}": v
+    executor.update_parameters(**{k if k in base else f"{cluster}_{k}": v
                                   for k, v in launcher.params.items() if k not in init_keys})
     return executor
 

@@ -29,7 +29,7 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
         # Up to map_array: upstream's BaseSubmititLauncher.launch (hydra-submitit-launcher 1.2), unchanged.
         assert self.config is not None and len(job_overrides) > 0
         executor = submitit_executor(self)
-        log.info(f"Submitit '{self._EXECUTOR}' sweep output dir : {self.config.hydra.sweep.dir}")
+        log.info(f"Submitit 'slurm' sweep output dir : {self.config.hydra.sweep.dir}")
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         if "mode" in self.config.hydra.sweep:

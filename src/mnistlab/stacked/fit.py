@@ -45,6 +45,7 @@ def stack_problem(cfg: DictConfig) -> str | None:
     checks = [
         (cfg.model.dropout == 0, "dropout needs each member's own random masks"),
         (cfg.data.validation, "data.validation=false is not stacked"),
+        (not cfg.get("compile"), "compile is not stacked"),
         (not cfg.get("ckpt_path"), "resuming a checkpoint is not stacked"),
         (trainer.get("gradient_clip_val") in (None, 0), "gradient clipping is not stacked"),
         (trainer.get("accumulate_grad_batches", 1) == 1, "accumulate_grad_batches is not stacked"),

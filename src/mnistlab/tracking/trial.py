@@ -6,7 +6,6 @@ record_failed_trial gives a sweep trial that failed before its run opened a FAIL
 
 from __future__ import annotations
 
-import copy
 import logging
 from pathlib import Path
 
@@ -136,6 +135,7 @@ def log_results(run, cfg: DictConfig, trainer, model, dm, rows: list[dict], metr
     import numpy as np
     import torch
 
+    from mnistlab.model import build_net
     from mnistlab.tracking import plots
 
     # test/* came through the logger during trainer.test
@@ -160,7 +160,9 @@ def log_results(run, cfg: DictConfig, trainer, model, dm, rows: list[dict], metr
     if cfg.logger.log_checkpoint and ckpt_cb is not None and ckpt_cb.best_model_path:
         run.log_artifact(Path(ckpt_cb.best_model_path), "checkpoints")
     if cfg.logger.log_model:
-        net = copy.deepcopy(model.net).cpu().float().eval()
+        net = build_net(model.hparams["model"])  # a plain copy of the weights, also of a compiled net
+        net.load_state_dict(model.net.state_dict())
+        net = net.float().eval()
         example = dm.split("test")[0][:5].cpu().numpy().astype(np.float32)
         run.log_model(net, example, [f"torch=={torch.__version__.split('+')[0]}"])
 
