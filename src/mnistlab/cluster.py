@@ -10,6 +10,11 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
+from mnistlab.paths import root_of
+from mnistlab.tracking.status import end_run
+from mnistlab.tracking.store import open_store
+from mnistlab.tracking.tags import PARENT_TAG
+
 log = logging.getLogger("mnistlab.cluster")
 
 # squeue states after which a job will not run again (a requeued job goes REQUEUED -> PENDING instead).
@@ -82,11 +87,7 @@ def close_trial_run(config, job_num: int, job_id: str, state: str) -> str:
     failure, time limit, crash) instead of RUNNING forever; created if the job died before opening it."""
     from mlflow import MlflowClient
 
-    from mnistlab.paths import root_of
     from mnistlab.tracking.run import parent_run_id
-    from mnistlab.tracking.status import end_run
-    from mnistlab.tracking.store import open_store
-    from mnistlab.tracking.tags import PARENT_TAG
 
     status = "KILLED" if state in KILLED_STATES else "FAILED"
     message = f"SLURM job {job_id} ended {state} without a result (trial {job_num})"

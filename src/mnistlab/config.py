@@ -8,6 +8,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from mnistlab.paths import resolve, workspace_root
+from mnistlab.tracking.store import DB_NAME
+
 MLP_TARGET = "mnistlab.nets.MLP"  # the book's net (conf/model/mlp.yaml); checkpoints from before _target_ hold it
 MNIST_TRAIN_SIZE = 60000
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -117,7 +120,6 @@ def model_problems(model: DictConfig) -> list[str]:
 def input_problems(cfg: DictConfig, root) -> list[str]:
     """What the config points at, checked before data loads or a run opens: the checkpoint to resume, the MLflow
     store, and that the split parameters are the ones data/processed was made with."""
-    from mnistlab.paths import resolve
 
     out = []
     ckpt = cfg.get("ckpt_path")
@@ -165,9 +167,6 @@ def _store_problems(cfg: DictConfig, root) -> list[str]:
     """The project's SQLite store: its folder creatable and writable, its database a readable SQLite file."""
     import os
     import sqlite3
-
-    from mnistlab.paths import resolve, workspace_root
-    from mnistlab.tracking.store import DB_NAME
 
     if cfg.logger.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI"):
         return []  # a server or another store: MLflow reports its own errors

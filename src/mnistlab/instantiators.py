@@ -8,6 +8,7 @@ import hydra
 from omegaconf import DictConfig
 
 from mnistlab.outputs import OutputDirs
+from mnistlab.requeue import lightning_plugins
 
 # data.validation=false: Lightning runs no validation loop (not even the sanity check).
 NO_VALIDATION = {"limit_val_batches": 0, "num_sanity_val_steps": 0}
@@ -36,7 +37,6 @@ def build_callbacks(callbacks_cfg: DictConfig, checkpoint_dir: Path, progress_ba
 def build_trainer(cfg: DictConfig, run, history, dirs: OutputDirs, hc):
     """The Lightning Trainer of cfg.trainer with `history` and the configured callbacks, logging into `run` (if
     any), its default root the trial's output dir."""
-    from mnistlab.requeue import lightning_plugins
 
     # one place for "no progress bars in a sweep": its trials share a console (or have none), and the sweep
     # prints trials done / total instead (tracking/progress.py)

@@ -18,7 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from mnistlab.exits import install_sigterm_handler
 from mnistlab.threads import PARALLEL_ENV, available_cores
+from mnistlab.trial_status import mark_died
 
 log = logging.getLogger("mnistlab.launching")
 
@@ -59,7 +61,6 @@ def record_dead_trial(config, trial_dir: Path, pid: int | None, reason: str) -> 
     """The dead trial's status file says DIED (trial_status.mark_died; the sweep's exit code reads it) and its MLflow
     run is FAILED; a trial that died before it started (no pid: a stacked member killed in its stack's fit) gets a
     FAILED run with the reason (tracking.trial.record_unstarted_trial)."""
-    from mnistlab.trial_status import mark_died
 
     pid = mark_died(trial_dir, reason, pid)
     log.error("%s: %s", trial_dir, reason)
@@ -90,8 +91,6 @@ def record_dead_trial(config, trial_dir: Path, pid: int | None, reason: str) -> 
 def _child(payload: bytes, conn, parallel: int) -> None:
     """In the trial process: run the Hydra job, send back its JobReturn."""
     import cloudpickle
-
-    from mnistlab.exits import install_sigterm_handler
 
     os.environ[PARALLEL_ENV] = str(parallel)
     install_sigterm_handler()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from mnistlab.paths import conf_dir
+from mnistlab.paths import conf_dir, project_root
 
 PARAMS_FILE = "params.yaml"
 
@@ -22,7 +22,6 @@ def compose_params(output: Path, overrides: list[str] | None = None) -> str:
 
 
 def main() -> None:
-    from mnistlab.paths import project_root
 
     out = project_root() / PARAMS_FILE
     before = out.read_text() if out.exists() else None

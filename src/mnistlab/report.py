@@ -22,6 +22,7 @@ from pathlib import Path
 
 from mnistlab.metrics import OBJECTIVE
 from mnistlab.outputs import write_atomic
+from mnistlab.tracking.store import project_store
 from mnistlab.tracking.tags import PARENT_TAG, REUSED_TAG, SWEEP_TAG
 
 REPORTED = "test/acc"  # what is reported for the chosen configs; never used to choose
@@ -365,8 +366,6 @@ def _findings_for_readme(findings: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     from mlflow import MlflowClient
-
-    from mnistlab.tracking.store import project_store
 
     ap = argparse.ArgumentParser(description="Rebuild a sweep's report (sweep.csv, study.*, sweep.png) from MLflow.")
     ap.add_argument("--parent", help="parent run id of the sweep (default: the latest sweep)")

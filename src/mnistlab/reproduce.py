@@ -18,6 +18,14 @@ import sys
 import time
 from pathlib import Path
 
+from mnistlab.config import ConfigError, validate
+from mnistlab.data.mnist_files import MnistDataError
+from mnistlab.data.preprocess import load_processed
+from mnistlab.outputs import write_atomic
+from mnistlab.paths import conf_dir, project_root, resolve, root_of, workspace_root
+from mnistlab.report import CI_LEVEL, mean_ci, quote_into_readme
+from mnistlab.run_info import environment_tags, git_state
+from mnistlab.tracking.store import open_store, resolve_tracking_uri
 from mnistlab.tracking.tags import PARENT_TAG
 
 PRESETS = ("chollet", "pytorch_notebook")
@@ -45,8 +53,6 @@ def interval(values: list[float]) -> dict:
     """The study's mean and Student-t 95 % CI of the mean (report.mean_ci), plus the 95 % prediction interval
     of one more run (where a single published run may fall) and the range."""
     from scipy import stats
-
-    from mnistlab.report import CI_LEVEL, mean_ci
 
     n, m = len(values), mean_ci(values)
     half_pi = float(stats.t.ppf(0.5 + CI_LEVEL / 2, n - 1)) * m["sd"] * math.sqrt(1 + 1 / n) if n > 1 else math.nan
@@ -203,15 +209,12 @@ def run_rows(client, parent_run_id: str) -> list[dict]:
 def _compose(overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
-    from mnistlab.paths import conf_dir
-
     with initialize_config_dir(str(conf_dir()), version_base="1.3"):
         return compose("config", overrides=overrides)
 
 
 def check_args(presets: list[str], n_seeds: int, readme: Path | None) -> None:
     """Bad flags fail here, before anything trains."""
-    from mnistlab.paths import conf_dir
 
     known = sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml"))
     unknown = [p for p in presets if p not in known]
@@ -227,7 +230,6 @@ def check_args(presets: list[str], n_seeds: int, readme: Path | None) -> None:
 
 def run_configs(presets: tuple[str, ...], n_seeds: int, overrides: list[str], stamp: str) -> dict:
     """(preset, seed) -> its composed and validated config: every problem shows before the first run starts."""
-    from mnistlab.config import validate
 
     configs = {}
     for p in presets:
@@ -244,12 +246,8 @@ def run_configs(presets: tuple[str, ...], n_seeds: int, overrides: list[str], st
 def reproduce(n_seeds: int, overrides: list[str], out_dir: Path, presets: tuple[str, ...] = PRESETS,
               readme: Path | None = None) -> dict:
     """Train every preset with seeds 0..n_seeds-1 under one MLflow parent run; write and return the report."""
-    from mnistlab.data.preprocess import load_processed
-    from mnistlab.paths import resolve, root_of
-    from mnistlab.run_info import environment_tags, git_state
-    from mnistlab.train import train
     from mnistlab.tracking.run import PARENT_ENV, TrackedRun
-    from mnistlab.tracking.store import open_store
+    from mnistlab.train import train
 
     check_args(list(presets), n_seeds, readme)
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
@@ -292,8 +290,6 @@ def build_report(client, parent_run_id: str) -> dict:
 
 def write_report(client, parent_run_id: str, out_dir: Path, readme: Path | None) -> dict:
     """reproduce.{md,json,csv} into `out_dir` and onto the parent run; the README's table when `readme` is set."""
-    from mnistlab.report import quote_into_readme
-    from mnistlab.outputs import write_atomic
 
     report = build_report(client, parent_run_id)
     files = {"reproduce.md": render_markdown(report), "reproduce.json": json.dumps(report, indent=2) + "\n",
@@ -310,18 +306,12 @@ def rebuild(parent_run_id: str, overrides: list[str], out_dir: Path, readme: Pat
     """The report of an earlier reproduce run, rewritten without training (e.g. after PUBLISHED changed)."""
     from mlflow import MlflowClient
 
-    from mnistlab.paths import resolve, root_of, workspace_root
-    from mnistlab.tracking.store import resolve_tracking_uri
-
     cfg = _compose(overrides)
     mlruns = resolve(cfg.paths.mlruns_dir, workspace_root(root_of(cfg.paths.root)))
     return write_report(MlflowClient(resolve_tracking_uri(cfg.logger.tracking_uri, mlruns)), parent_run_id, out_dir, readme)
 
 
 def main(argv: list[str] | None = None) -> None:
-    from mnistlab.config import ConfigError
-    from mnistlab.data.mnist_files import MnistDataError
-    from mnistlab.paths import project_root
 
     ap = argparse.ArgumentParser(
         description="Run the notebook presets over seeds (ordinary tracked trainings) and compare them with the "

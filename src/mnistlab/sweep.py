@@ -12,10 +12,18 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from mnistlab.paths import resolve, root_of
+from mnistlab.paths import CONF_DIR, resolve, root_of
+from mnistlab.report import write_sweep_report
+from mnistlab.run_info import environment_tags, git_tags
 from mnistlab.tracking.status import end_run
+from mnistlab.tracking.store import open_store, store_uri
 from mnistlab.tracking.tags import SWEEP_DIR_TAG, SWEEP_TAG
-from mnistlab.trial_status import TRIAL_STATUS_FILE, read_trial_status, read_trial_statuses, write_trial_status
+from mnistlab.trial_status import (
+    TRIAL_STATUS_FILE,
+    read_trial_status,
+    read_trial_statuses,
+    write_trial_status,
+)
 
 log = logging.getLogger("mnistlab.sweep")
 
@@ -42,9 +50,7 @@ class MlflowSweepCallback(Callback):
         from mlflow import MlflowClient
 
         from mnistlab.cluster import local_store_problem
-        from mnistlab.run_info import environment_tags, git_tags
         from mnistlab.tracking.run import PARENT_ENV, PARENT_FILE
-        from mnistlab.tracking.store import open_store, store_uri
 
         root = root_of(config.paths.root)
         problem = local_store_problem(config, store_uri(config.paths.mlruns_dir, config.logger.tracking_uri, root)[0])
@@ -127,7 +133,6 @@ class MlflowSweepCallback(Callback):
             raise SystemExit(1)
 
     def _report(self, config: DictConfig, sweep_dir: Path) -> None:
-        from mnistlab.report import write_sweep_report
         from mnistlab.tracking.run import PARENT_ENV
 
         if self.progress is not None:
@@ -174,8 +179,6 @@ def study_main(argv: list[str] | None = None) -> None:
     `study` block as --key value arguments (its templating cannot put a YAML list into a Hydra override);
     this turns them back into overrides and runs `mnistlab-train sweep=optimizers`, reporting into reports/."""
     from omegaconf import OmegaConf
-
-    from mnistlab.paths import CONF_DIR
 
     defaults = OmegaConf.load(CONF_DIR / "config.yaml").study
     values: dict[str, list[str]] = {}

@@ -13,17 +13,38 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from mnistlab.config import ConfigError, effective_test_ckpt, validate, validate_inputs, with_run_overrides
+from mnistlab.config import (
+    ConfigError,
+    effective_test_ckpt,
+    validate,
+    validate_inputs,
+    with_run_overrides,
+)
+from mnistlab.data.mnist_files import MnistDataError
+from mnistlab.exits import install_sigterm_handler, interrupt_exit_code
 from mnistlab.instantiators import build_trainer
 from mnistlab.launch_context import installed_fit
 from mnistlab.metrics import OBJECTIVE, TEST_KEYS
-from mnistlab.outputs import CURVES_FILE, METRICS_FILE, output_dirs, write_curves_csv, write_summary
+from mnistlab.outputs import (
+    CURVES_FILE,
+    METRICS_FILE,
+    output_dirs,
+    write_curves_csv,
+    write_summary,
+)
 from mnistlab.paths import CONF_DIR, resolve, root_of
 from mnistlab.requeue import remember_run, resume_checkpoint
 from mnistlab.threads import configure_threads, parallel_jobs
 from mnistlab.tracking.trial import (
-    log_device, log_results, log_run_start, open_trial_run, record_failed_trial, reuse_finished, task_overrides,
+    log_device,
+    log_results,
+    log_run_start,
+    open_trial_run,
+    record_failed_trial,
+    reuse_finished,
+    task_overrides,
 )
+from mnistlab.trial_status import write_trial_status
 
 log = logging.getLogger("mnistlab.train")
 # `${sweep_values:${study.lrs}}` turns a YAML list into a Hydra sweep ("0.001,0.01"), so the study's grid is
@@ -128,12 +149,9 @@ def _fit_and_test(cfg: DictConfig, trainer, model, dm, history, ckpt_dir: Path) 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def hydra_main(cfg: DictConfig) -> float | None:
-    from mnistlab.data.mnist_files import MnistDataError
 
     hc = _hydra()
     in_sweep = hc is not None and str(hc.mode) == "RunMode.MULTIRUN"
-    from mnistlab.exits import interrupt_exit_code
-    from mnistlab.trial_status import write_trial_status
 
     try:
         # The sweep objective: never the test accuracy (tuning on test is optimistic by construction); a
@@ -164,7 +182,6 @@ def hydra_main(cfg: DictConfig) -> float | None:
 def main() -> None:
     """`mnistlab-train`: Hydra's main with the shell's exit statuses, 130 after Ctrl-C and 143 after SIGTERM
     (for a single run and for a whole sweep), so a scheduler or `dvc repro` never reads an interrupt as success."""
-    from mnistlab.exits import install_sigterm_handler, interrupt_exit_code
 
     install_sigterm_handler()
     sys.argv = with_run_overrides(sys.argv)

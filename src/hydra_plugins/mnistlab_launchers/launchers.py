@@ -14,10 +14,21 @@ from typing import Any, Sequence
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.singleton import Singleton
-from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
+from hydra.core.utils import (
+    JobReturn,
+    JobStatus,
+    configure_log,
+    filter_overrides,
+    run_job,
+    setup_globals,
+)
 from hydra.plugins.launcher import Launcher
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher
 from omegaconf import OmegaConf, open_dict
+
+from mnistlab.launch_context import fitted_elsewhere
+from mnistlab.paths import root_of
+from mnistlab.threads import PARALLEL_ENV, available_cores
 
 log = logging.getLogger(__name__)
 RESULT_FILE = ".mnistlab_stacked.pt"  # a stacked member's results, in its job dir until its job adopts them
@@ -99,7 +110,6 @@ class ContainedJoblibLauncher(Launcher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from mnistlab.launching import ContainedTrials, trial_capacity
-        from mnistlab.threads import PARALLEL_ENV, available_cores
 
         _announce(self, job_overrides, initial_job_idx)
         n_jobs = self.n_jobs or -1
@@ -125,7 +135,6 @@ class CappedLocalLauncher(LocalLauncher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from mnistlab.launching import death_reason, trial_capacity
-        from mnistlab.threads import PARALLEL_ENV
 
         _announce(self, job_overrides, initial_job_idx)
         n = trial_capacity(min(len(job_overrides), self.max_parallel or len(job_overrides)), self.mem_per_trial_gb)
@@ -154,7 +163,6 @@ def _stack_worker(cfgs, jobs, files: list[Path], root: Path, parallel: int, hydr
     """In a stack process: train the stack (mnistlab.stacked.fit), then run each member's Hydra job as joblib's
     workers do (execute_job: run_job with the normal task function), which adopts the member's results from its file;
     if the stack's fit raised (e.g. out of memory), each member trains on its own instead, said in the log."""
-    from mnistlab.launch_context import fitted_elsewhere
     from mnistlab.stacked.adopt import AdoptedFit
     from mnistlab.stacked.fit import train_group
 
@@ -208,9 +216,7 @@ class StackedLauncher(Launcher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from mnistlab.launching import ContainedTrials, trial_capacity
-        from mnistlab.paths import root_of
         from mnistlab.stacked.plan import plan
-        from mnistlab.threads import PARALLEL_ENV, available_cores
 
         _announce(self, job_overrides, initial_job_idx)
         jobs = [(initial_job_idx + i, list(o)) for i, o in enumerate(job_overrides)]

@@ -12,6 +12,8 @@ from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 
+from mnistlab.trial_status import mark_died
+
 log = logging.getLogger(__name__)
 
 
@@ -23,8 +25,8 @@ class SlurmLauncher(submitit_launcher.SlurmLauncher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from hydra_plugins.mnistlab_launchers.launchers import submitit_executor
+
         from mnistlab.cluster import close_trial_run, wait_for_jobs
-        from mnistlab.trial_status import mark_died
 
         # Up to map_array: upstream's BaseSubmititLauncher.launch (hydra-submitit-launcher 1.2), unchanged.
         assert self.config is not None and len(job_overrides) > 0

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from mnistlab.data.mnist_files import NUM_CLASSES, MnistDataError, load_raw, validate
+from mnistlab.paths import CONF_DIR, project_root, resolve
 
 SPLITS = ("train", "val", "test")
 META_NAME = "meta.json"
@@ -136,7 +137,6 @@ def load_processed(processed_dir: Path) -> tuple[dict[str, tuple[np.ndarray, np.
 
 def run(data_cfg, root: Path) -> dict:
     """Entry-point body: resolves paths against `root`, times the stage, prints a one-line summary."""
-    from mnistlab.paths import resolve
 
     start = time.perf_counter()
     meta = preprocess(
@@ -165,8 +165,6 @@ def recovery_hint(processed_dir: Path) -> str:
 
 def main() -> None:
     import hydra
-
-    from mnistlab.paths import CONF_DIR, project_root, resolve
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
     def _main(cfg) -> None:

@@ -13,7 +13,9 @@ import torch
 from omegaconf import DictConfig
 
 from mnistlab.compat import set_fit_progress
+from mnistlab.config import effective_test_ckpt
 from mnistlab.metrics import CURVE_KEYS, OBJECTIVE, STEP_LOSS, TEST_KEYS
+
 
 class AdoptedFit:
     """The fit of a member's trial (launch_context.Fit): its results adopted from its result file."""
@@ -56,7 +58,6 @@ def adopt(path: Path, cfg: DictConfig, trainer, model, dm, ckpt_dir: Path) -> tu
     """In place of train._fit_and_test: log the member's curves, fail as its fit failed, else write its checkpoints
     and test the weights the ordinary run would test. Returns (metrics.json's summary, the per-epoch rows)."""
     from mnistlab.callbacks import NonFiniteLossError, clean_float
-    from mnistlab.config import effective_test_ckpt
 
     r = torch.load(path, map_location="cpu", weights_only=False)
     _log_curves(trainer, r)

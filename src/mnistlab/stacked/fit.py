@@ -15,7 +15,16 @@ from omegaconf import DictConfig, OmegaConf
 from mnistlab.callbacks import non_finite_message
 from mnistlab.config import MLP_TARGET
 from mnistlab.metrics import OBJECTIVE
-from mnistlab.stacked.nets import StackedBatches, StackedMLP, StackedOptimizer, member_losses, optimizer_rule
+from mnistlab.paths import resolve
+from mnistlab.requeue import lightning_plugins
+from mnistlab.stacked.nets import (
+    StackedBatches,
+    StackedMLP,
+    StackedOptimizer,
+    member_losses,
+    optimizer_rule,
+)
+from mnistlab.threads import configure_threads
 
 log = logging.getLogger("mnistlab.stacked")
 # callbacks a stack honours itself: the checkpoint choice (best val/acc, per member), the non-finite guard (per
@@ -199,9 +208,6 @@ def train_group(cfgs: list[DictConfig], result_files: list[Path], root: Path, pa
 
     from mnistlab.data.datamodule import DeviceBatches, MnistDataModule
     from mnistlab.logging_setup import quiet_lightning
-    from mnistlab.paths import resolve
-    from mnistlab.requeue import lightning_plugins
-    from mnistlab.threads import configure_threads
 
     quiet_lightning()
     order = sorted(range(len(cfgs)), key=lambda i: optimizer_rule(_plain(cfgs[i].optimizer))[0])  # rules contiguous

@@ -7,7 +7,12 @@ import logging
 
 from omegaconf import DictConfig
 
+from mnistlab.config import task_config
+from mnistlab.data.preprocess import read_data_checksum
+from mnistlab.paths import resolve
 from mnistlab.stacked.fit import group_key, stack_problem
+from mnistlab.tracking.resume import config_hash, find_finished
+from mnistlab.tracking.store import open_store
 
 log = logging.getLogger("mnistlab.stacked")
 MIB = 1024**2
@@ -31,12 +36,6 @@ def _finished_run_finder(root):
     from functools import cache
 
     from mlflow import MlflowClient
-
-    from mnistlab.config import task_config
-    from mnistlab.data.preprocess import read_data_checksum
-    from mnistlab.paths import resolve
-    from mnistlab.tracking.resume import config_hash, find_finished
-    from mnistlab.tracking.store import open_store
 
     @cache
     def checksum(processed_dir: str) -> str:

@@ -12,7 +12,9 @@ import socket
 import psutil
 
 from mnistlab.tracking.status import end_run
+from mnistlab.tracking.store import artifact_location, ensure_experiment, project_store
 from mnistlab.tracking.tags import HOST_TAG, PID_TAG, PROC_START_TAG
+from mnistlab.tracking.ui import runs_url, set_experiment_view
 
 
 def process_alive(pid: int, start_time: str | None) -> bool:
@@ -63,9 +65,6 @@ def serve_ui(host: str, port: int, experiment: str | None = None, overrides: lis
 
     from mlflow import MlflowClient
 
-    from mnistlab.tracking.store import artifact_location, ensure_experiment, project_store
-    from mnistlab.tracking.ui import runs_url, set_experiment_view
-
     uri, name, mlruns = project_store(overrides)
     exp_id = ensure_experiment(uri, experiment or name, mlruns)
     set_experiment_view(MlflowClient(uri), exp_id)  # also for an experiment made before the project set it
@@ -84,8 +83,6 @@ def serve_ui(host: str, port: int, experiment: str | None = None, overrides: lis
 
 def main(argv: list[str] | None = None) -> None:
     from mlflow import MlflowClient
-
-    from mnistlab.tracking.store import project_store
 
     ap = argparse.ArgumentParser(prog="mnistlab-runs", description="Housekeeping for the project's MLflow store.")
     sub = ap.add_subparsers(dest="command", required=True)

@@ -10,10 +10,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 
+from mnistlab.metrics import CURVE_KEYS
+
 
 def curves_figure(rows: list[dict[str, float]], title: str = ""):
     """One panel per metric of metrics.CURVE_KEYS (loss, acc), one line per split (train, val)."""
-    from mnistlab.metrics import CURVE_KEYS
 
     metrics = list(dict.fromkeys(k.split("/", 1)[1] for k in CURVE_KEYS))
     splits = list(dict.fromkeys(k.split("/", 1)[0] for k in CURVE_KEYS))

@@ -7,6 +7,8 @@ import os
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+from mnistlab.paths import conf_dir, resolve, root_of, workspace_root
+
 DB_NAME = "mlflow.db"
 ARTIFACTS_DIR = "artifacts"
 # SQLite waits this long for a writer's lock instead of failing at once with "database is locked".
@@ -46,7 +48,6 @@ def open_store(mlruns_dir: str, tracking_uri: str | None, experiment_name: str, 
 
 def store_uri(mlruns_dir: str, tracking_uri: str | None, root: Path) -> tuple[str, Path]:
     """(tracking URI, local mlruns dir) a run of the project at `root` would use, without touching the store."""
-    from mnistlab.paths import resolve, workspace_root
 
     mlruns = resolve(mlruns_dir, workspace_root(root))
     return resolve_tracking_uri(tracking_uri, mlruns), mlruns
@@ -87,8 +88,6 @@ def project_store(overrides: list[str] | None = None) -> tuple[str, str, Path]:
     """(tracking URI, experiment name, mlruns dir) as conf/ defines them (paths.mlruns_dir, logger.*), for the
     commands that read the store outside a training run: make ui, mnistlab-report, mnistlab-runs."""
     from hydra import compose, initialize_config_dir
-
-    from mnistlab.paths import conf_dir, resolve, root_of, workspace_root
 
     with initialize_config_dir(str(conf_dir()), version_base="1.3"):
         cfg = compose("config", overrides=list(overrides or []))

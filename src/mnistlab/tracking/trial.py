@@ -12,8 +12,16 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from mnistlab.config import MLP_TARGET, effective_test_ckpt, task_config
+from mnistlab.data.preprocess import read_data_checksum
 from mnistlab.metrics import OBJECTIVE, SUMMARY_KEYS
 from mnistlab.outputs import write_summary
+from mnistlab.paths import resolve, root_of
+from mnistlab.requeue import previous_run_id, restart_count
+from mnistlab.run_info import device_name, environment_tags, git_tags, run_name
+from mnistlab.tracking.lineage import dataset_inputs, dvc_import_source
+from mnistlab.tracking.resume import config_hash, copy_results, find_finished
+from mnistlab.tracking.store import open_store
+from mnistlab.tracking.tags import CONFIG_HASH_TAG, PARENT_TAG
 
 log = logging.getLogger("mnistlab.train")
 # optimizer config keys that are Hydra's, not the optimizer's; `name` is logged as the `optimizer` param
@@ -57,13 +65,7 @@ def curated_params(cfg: DictConfig) -> dict:
 def open_trial_run(cfg: DictConfig, root: Path, meta: dict, hc, out_dir: Path | None = None):
     """The trial's TrackedRun (not yet started): provenance tags, its sweep parent, its config hash, a unique
     name; a requeued SLURM trial (a run id remembered in `out_dir`) reopens its own run instead."""
-    from mnistlab.requeue import previous_run_id, restart_count
-    from mnistlab.run_info import environment_tags, git_tags, run_name
-    from mnistlab.tracking.lineage import dataset_inputs, dvc_import_source
-    from mnistlab.tracking.resume import config_hash
     from mnistlab.tracking.run import TrackedRun, parent_run_id, unique_run_name
-    from mnistlab.tracking.store import open_store
-    from mnistlab.tracking.tags import CONFIG_HASH_TAG, PARENT_TAG
 
     uri, exp_id = open_store(cfg.paths.mlruns_dir, cfg.logger.tracking_uri, cfg.logger.experiment_name, root)
     tags = {
@@ -95,8 +97,6 @@ def open_trial_run(cfg: DictConfig, root: Path, meta: dict, hc, out_dir: Path | 
 
 def reuse_finished(run, out_dir: Path) -> dict[str, float] | None:
     """A trial whose config hash already FINISHED is not retrained: its run becomes a copy of that one."""
-    from mnistlab.tracking.resume import copy_results, find_finished
-    from mnistlab.tracking.tags import CONFIG_HASH_TAG
 
     original = find_finished(run.client, run.experiment_id, run.tags[CONFIG_HASH_TAG])
     if original is None:
@@ -123,7 +123,6 @@ def log_run_start(run, cfg: DictConfig, threads: int, overrides: list[str]) -> N
 
 def log_device(run, trainer) -> None:
     """The device the trainer's strategy put the model on (known only once the trainer exists)."""
-    from mnistlab.run_info import device_name
 
     run.client.set_tag(run.run_id, "mnistlab.device", device_name(trainer.strategy.root_device))
 
@@ -175,8 +174,6 @@ def record_unstarted_trial(cfg: DictConfig, reason: str) -> None:
     """A sweep trial whose process died before the trial opened its run (a launcher=stacked member whose stack
     process died in the stack's fit) still gets its run: FAILED with the reason, its params and config, so MLflow
     holds every trial of the sweep. `cfg` is the job's composed config (its `hydra` node says sweep dir and job)."""
-    from mnistlab.data.preprocess import read_data_checksum
-    from mnistlab.paths import resolve, root_of
 
     root = root_of(cfg.paths.root)
     task_cfg = task_config(cfg)
@@ -195,7 +192,6 @@ def record_unstarted_trial(cfg: DictConfig, reason: str) -> None:
 
 def record_failed_trial(cfg: DictConfig, error: Exception, hc) -> None:
     """A sweep trial that failed before its run opened (bad value, missing data) still gets a FAILED run."""
-    from mnistlab.paths import root_of
 
     meta = {"data_checksum": "unknown"}
     try:
