@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import gzip
+import json
 import os
 import shutil
 import subprocess
@@ -188,3 +190,75 @@ def store_runs(mlruns: Path, experiment: str = "mnistlab") -> tuple:
     client = MlflowClient(default_tracking_uri(mlruns))
     exp = client.get_experiment_by_name(experiment)
     return client, (client.search_runs([exp.experiment_id], max_results=1000) if exp else [])
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def run_in(proj: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """A command as a real process in `proj`, with the CLI environment."""
+    return subprocess.run(list(args), cwd=proj, env=cli_env(), capture_output=True, text=True, timeout=timeout)
+
+
+# --- the real DVC CLI in a project copy ---
+
+def dvc(proj: Path, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    proc = run_in(proj, str(BIN / "dvc"), *args, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def set_params(proj: Path, *overrides: str) -> dict:
+    """Recompose params.yaml with overrides, the way the project does (`python -m mnistlab.params`)."""
+    import yaml
+
+    proc = run_in(proj, sys.executable, "-m", "mnistlab.params", *overrides)
+    assert proc.returncode == 0, proc.stderr
+    return yaml.safe_load((proj / "params.yaml").read_text())
+
+
+def redirect(proj: Path, url: str | Path) -> None:
+    dvc(proj, "remote", "modify", "--local", "mnist-source", "url", str(url))
+
+
+def meta(proj: Path) -> dict:
+    return json.loads((proj / "data" / "processed" / "meta.json").read_text())
+
+
+# --- real Hydra multiruns of the training CLI ---
+
+LAUNCHERS = {
+    "basic": ["launcher=basic"],
+    "joblib": ["launcher=joblib", "hydra.launcher.n_jobs=2"],
+    "submitit_local": ["launcher=submitit_local"],
+}
+
+
+def multirun(tmp: Path, processed: Path, grid: list[str], launcher: list[str], timeout=600, sweep_dir="multirun"):
+    """A seconds-long `python -m mnistlab.train -m` sweep on fixture data, writing only under `tmp`."""
+    args = [
+        sys.executable, "-m", "mnistlab.train", "-m", *launcher, *grid,
+        f"data.processed_dir={processed}", "data.val_size=100", "data.batch_size=32", "data.eval_batch_size=100",
+        "trainer.max_epochs=2", "trainer.log_every_n_steps=4", "callbacks.finite_loss.check_every_n_steps=1",
+        f"paths.root={tmp}", f"paths.mlruns_dir={tmp / 'mlruns'}", f"paths.sweep_reports_dir={tmp / 'reports'}",
+        f"hydra.sweep.dir={tmp / sweep_dir}", "logger.log_model=false",
+        "trainer.enable_progress_bar=false", "callbacks.rich_progress_bar=null",
+    ]
+    return subprocess.run(args, cwd=PROJECT_ROOT, env=cli_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def sweep_store(tmp: Path) -> tuple:
+    """(client, parent runs, child runs) of the store a multirun under `tmp` wrote."""
+    from mlflow import MlflowClient
+
+    from mnistlab.tracking.store import default_tracking_uri
+
+    client = MlflowClient(default_tracking_uri(tmp / "mlruns"))
+    exp = client.get_experiment_by_name("mnistlab")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("mnistlab.sweep") == "true"]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, children

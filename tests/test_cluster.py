@@ -3,7 +3,6 @@ PostgreSQL with proxied artifacts, scancel and requeue of a running trial, the l
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import socket
@@ -16,7 +15,7 @@ import pytest
 from mlflow import MlflowClient
 
 from cluster_fixtures import daemons, mlflow_server, postgres_uri, slurm  # noqa: F401  (session fixtures)
-from conftest import BIN, PROJECT_ROOT, cli_env
+from conftest import BIN, PROJECT_ROOT, cli_env, read_csv
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -44,11 +43,6 @@ def _runs(server: str, experiment: str):
     parents = [r for r in runs if r.data.tags.get("mnistlab.sweep") == "true"]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     return client, exp, parents, children
-
-
-def _csv(path: Path) -> list[dict]:
-    with open(path) as f:
-        return list(csv.DictReader(f))
 
 
 class _Sweep:
@@ -155,8 +149,8 @@ def test_slurm_sweep_on_the_postgres_server(tmp_path, processed_dir, slurm, mlfl
     rep = subprocess.run([str(BIN / "mnistlab-report"), "--experiment", exp_name, "--out", str(tmp_path / "rep")],
                          cwd=tmp_path, env=_env(slurm, mlflow_server), capture_output=True, text=True, timeout=300)
     assert rep.returncode == 0, rep.stderr[-3000:]
-    rows = {float(r["lr"]): r for r in _csv(tmp_path / "rep" / "sweep.csv")}
-    assert rows == {float(r["lr"]): r for r in _csv(tmp_path / "reports" / "sweep.csv")}
+    rows = {float(r["lr"]): r for r in read_csv(tmp_path / "rep" / "sweep.csv")}
+    assert rows == {float(r["lr"]): r for r in read_csv(tmp_path / "reports" / "sweep.csv")}
     assert rows[1e30]["status"] == "FAILED" and rows[0.1]["status"] == "FINISHED"
     assert float(rows[0.1]["test/acc"]) == pytest.approx(ok.data.metrics["test/acc"])
     assert json.loads((tmp_path / "rep" / "study.json").read_text())["finished"] == 2
@@ -184,7 +178,7 @@ def test_scancel_of_a_trial_ends_killed_and_the_sweep_reports_it(tmp_path, proce
     killed = client.get_run(victim.info.run_id)
     assert "SIGTERMException" in killed.data.tags["mnistlab.error"], "the trial itself closes its run on SIGTERM"
     assert parent.info.status == "FINISHED"
-    rows = {r["run_id"]: r["status"] for r in _csv(tmp_path / "reports" / "sweep.csv")}
+    rows = {r["run_id"]: r["status"] for r in read_csv(tmp_path / "reports" / "sweep.csv")}
     assert rows[victim.info.run_id] == "KILLED"
     assert slurm.jobs()[job] == "CANCELLED"
 
@@ -218,7 +212,7 @@ def test_requeued_trial_resumes_its_run_from_the_last_checkpoint(tmp_path, proce
     log = "".join(p.read_text() for p in (tmp_path / "multirun" / ".submitit").rglob("*_log.*"))
     assert "resuming from" in log and str(job_dir / "checkpoints" / "last.ckpt") in log
     # the restart trained fewer epochs than a fresh start would have: it went on from the checkpoint
-    curves = _csv(job_dir / "curves.csv")
+    curves = read_csv(job_dir / "curves.csv")
     assert [int(r["epoch"]) for r in curves] == list(range(1, epochs + 1))
     steps = client.get_metric_history(run.info.run_id, "train/loss_step")
     print(f"\nrequeued run {run.info.run_id}: val/acc {len(val)} points over {len({m.step for m in val})} steps, "

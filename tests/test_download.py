@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BIN, cli_env, fake_mnist, write_npz
+from conftest import BIN, fake_mnist, run_in, write_npz
 
 from mnistlab.data.mnist_files import sha256_of
 
@@ -63,20 +63,16 @@ def http_dir():
         stop()
 
 
-def run(proj: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(list(args), cwd=proj, env=cli_env(), capture_output=True, text=True, timeout=300)
-
-
 def prepare(proj: Path, url: str) -> None:
     """Verification off and a small validation split (the data is not MNIST); the remote pointed at `url`."""
-    p = run(proj, sys.executable, "-m", "mnistlab.params", "data.verify_checksums=false", "data.val_size=100")
+    p = run_in(proj, sys.executable, "-m", "mnistlab.params", "data.verify_checksums=false", "data.val_size=100")
     assert p.returncode == 0, p.stderr
-    p = run(proj, str(BIN / "dvc"), "remote", "modify", "--local", "mnist-source", "url", url)
+    p = run_in(proj, str(BIN / "dvc"), "remote", "modify", "--local", "mnist-source", "url", url)
     assert p.returncode == 0, p.stderr
 
 
 def repro(proj: Path) -> subprocess.CompletedProcess:
-    return run(proj, str(BIN / "dvc"), "repro", "preprocess")
+    return run_in(proj, str(BIN / "dvc"), "repro", "preprocess")
 
 
 def test_repro_downloads_over_http(project_copy, tmp_path, http_dir):

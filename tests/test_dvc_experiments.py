@@ -4,7 +4,6 @@ queued experiments run in a temp copy but must log to the workspace's MLflow sto
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from pathlib import Path
 
@@ -12,19 +11,12 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from conftest import cli_env, fake_mnist, write_npz
+from conftest import dvc, fake_mnist, write_npz
 from mnistlab.tracking.store import default_tracking_uri
 
 # Fixture data is not MNIST: verification off; small and fast.
 FAST = ["data.verify_checksums=false", "data.val_size=100", "trainer.max_epochs=1", "data.batch_size=64",
         "logger.log_model=false", "trainer.enable_progress_bar=false", "callbacks.rich_progress_bar=null"]
-
-
-def dvc(cwd: Path, *args: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run(["dvc", *args], cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=timeout)
-    if check:
-        assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
-    return proc
 
 
 def _s(overrides: list[str]) -> list[str]:

@@ -4,41 +4,13 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BIN, SHARED_MNIST, cli_env, fake_mnist, require_real_mnist, write_npz
+from conftest import SHARED_MNIST, dvc, fake_mnist, meta, redirect, require_real_mnist, run_in, set_params, write_npz
 
 from mnistlab.data.mnist_files import CANONICAL_SHA256, sha256_of
-
-
-def run(proj: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(list(args), cwd=proj, env=cli_env(), capture_output=True, text=True, timeout=timeout)
-
-
-def dvc(proj: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = run(proj, str(BIN / "dvc"), *args)
-    if check:
-        assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
-    return proc
-
-
-def set_params(proj: Path, *overrides: str) -> dict:
-    """Recompose params.yaml with overrides, the way the project does (`python -m mnistlab.params`)."""
-    proc = run(proj, sys.executable, "-m", "mnistlab.params", *overrides)
-    assert proc.returncode == 0, proc.stderr
-    return yaml.safe_load((proj / "params.yaml").read_text())
-
-
-def redirect(proj: Path, url: str | Path) -> None:
-    dvc(proj, "remote", "modify", "--local", "mnist-source", "url", str(url))
-
-
-def meta(proj: Path) -> dict:
-    return json.loads((proj / "data" / "processed" / "meta.json").read_text())
 
 
 def status(proj: Path, target: str) -> dict:
@@ -58,7 +30,7 @@ def test_repro_imports_and_preprocesses_fake_mirror(project_copy, fake_source):
     assert params["data"]["verify_checksums"] is False and params["data"]["val_size"] == 100
     redirect(proj, mirror)
     assert "mnist-source" in (proj / ".dvc" / "config.local").read_text()
-    assert run(proj, "git", "diff", "--quiet", ".dvc/config").returncode == 0  # the shared config untouched
+    assert run_in(proj, "git", "diff", "--quiet", ".dvc/config").returncode == 0  # the shared config untouched
 
     proc = dvc(proj, "repro", "preprocess")
     out = proc.stdout + proc.stderr

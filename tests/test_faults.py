@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import signal
@@ -15,7 +14,7 @@ import lightning.pytorch as pl
 import pytest
 from mlflow import MlflowClient
 
-from conftest import PROJECT_ROOT, cli_env, fast_overrides
+from conftest import PROJECT_ROOT, cli_env, dvc, fast_overrides, meta, read_csv, redirect, set_params
 from mnistlab.tracking.store import default_tracking_uri
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -48,11 +47,6 @@ def _train(args: list[str], cwd: Path = PROJECT_ROOT, timeout=600, **popen) -> s
 def _start(args: list[str], cwd: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "mnistlab.train", *args], cwd=cwd, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _csv(path: Path) -> list[dict]:
-    with open(path) as f:
-        return list(csv.DictReader(f))
 
 
 def _runs(mlruns: Path):
@@ -120,7 +114,7 @@ def test_a_killed_trial_process_is_failed_and_the_sweep_goes_on(tmp_path, proces
     assert {lr: r.info.status for lr, r in trials.items()} == {0.01: "FINISHED", 0.02: "FAILED", 0.03: "FINISHED"}
     assert reason in trials[0.02].data.tags["mnistlab.error"]
     assert not [r for r in runs if r.info.status == "RUNNING"]
-    assert sorted(r["status"] for r in _csv(tmp_path / "reports" / "sweep.csv")) == ["FAILED", "FINISHED", "FINISHED"]
+    assert sorted(r["status"] for r in read_csv(tmp_path / "reports" / "sweep.csv")) == ["FAILED", "FINISHED", "FINISHED"]
 
 
 @pytest.mark.slow
@@ -164,7 +158,7 @@ def test_a_killed_stack_process_fails_its_trials_and_the_sweep_goes_on(tmp_path,
         client = MlflowClient(default_tracking_uri(tmp_path / "mlruns"))
         assert "config.yaml" in {a.path for a in client.list_artifacts(trials[key].info.run_id)}
     assert not [r for r in runs if r.info.status == "RUNNING"]
-    assert sorted(r["status"] for r in _csv(tmp_path / "reports" / "sweep.csv")) == ["FAILED", "FAILED", "FINISHED", "FINISHED"]
+    assert sorted(r["status"] for r in read_csv(tmp_path / "reports" / "sweep.csv")) == ["FAILED", "FAILED", "FINISHED", "FINISHED"]
 
 
 # --- 4. parallel launchers never start more trials than the machine holds -----------------------------------------
@@ -235,7 +229,7 @@ def test_two_sweeps_started_together_get_their_own_dirs_and_parents(tmp_path, pr
         children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == pid]
         assert len(children) == 2 and len({c.data.params["optimizer"] for c in children}) == 1, "one sweep's trials"
         sweep_dir = Path(parent.data.tags["mnistlab.sweep_dir"])
-        assert {r["run_id"] for r in _csv(sweep_dir / "sweep.csv")} == {c.info.run_id for c in children}
+        assert {r["run_id"] for r in read_csv(sweep_dir / "sweep.csv")} == {c.info.run_id for c in children}
         assert len(list(sweep_dir.glob("*/.mnistlab_trial.json"))) == 2
 
 
@@ -336,7 +330,6 @@ def test_bad_source_keeps_the_good_processed_data(project_copy, tmp_path):
     import numpy as np
 
     from conftest import fake_mnist, write_npz
-    from test_dvc_pipeline import dvc, meta, redirect, set_params
 
     proj, mirror = project_copy, tmp_path / "mirror"
     write_npz(mirror, fake_mnist())
@@ -363,7 +356,6 @@ def test_sigterm_under_dvc_repro_fails_the_stage_and_records_nothing(project_cop
     import yaml
 
     from conftest import fake_mnist, write_npz
-    from test_dvc_pipeline import dvc, redirect, set_params
 
     proj, mirror = project_copy, tmp_path / "mirror"
     write_npz(mirror, fake_mnist())

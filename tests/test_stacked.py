@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from test_sweep import LAUNCHERS, _csv, _multirun, _store
+from conftest import LAUNCHERS, multirun, read_csv, sweep_store
 
 # Tolerance of the per-epoch val/acc and the test/acc, stacked vs one by one: 1e-6, i.e. equal as float32 counts over
 # 100 val / 200 test images. Each member's weights are bit-identical to its ordinary run's with the same torch thread
@@ -111,9 +111,9 @@ def test_stacked_trials_equal_their_one_by_one_runs(tmp_path, processed_dir):
     runs = {}
     # n_jobs=2 on both: 2 stacks / 2 trials at once, cores // 2 threads each, on any machine
     for name, launcher in (("stacked", ["launcher=stacked", "hydra.launcher.n_jobs=2"]), ("joblib", LAUNCHERS["joblib"])):
-        proc = _multirun(tmp_path / name, processed_dir, GRID, launcher)
+        proc = multirun(tmp_path / name, processed_dir, GRID, launcher)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        runs[name] = _store(tmp_path / name)
+        runs[name] = sweep_store(tmp_path / name)
         if name == "stacked":
             out = proc.stdout + proc.stderr
             assert "launcher=stacked: 12 trials in 2 stack(s) of [6, 6], 0 on their own" in out, out[-3000:]
@@ -151,25 +151,25 @@ def test_stacked_trials_equal_their_one_by_one_runs(tmp_path, processed_dir):
 def test_diverging_member_fails_alone_and_adam_falls_back(tmp_path, processed_dir):
     """sgd lr=1e30 in a stack with sgd lr=0.01: that trial FAILED with the guard's reason, the other FINISHED with its
     one-by-one values; adam cannot be stacked: trained on its own (said in the log); one parent, the report lists all."""
-    proc = _multirun(tmp_path / "stacked", processed_dir, ["optimizer=sgd,adam", "optimizer.lr=1e30,0.01"],
+    proc = multirun(tmp_path / "stacked", processed_dir, ["optimizer=sgd,adam", "optimizer.lr=1e30,0.01"],
                      ["launcher=stacked", "hydra.launcher.n_jobs=2"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "trains on its own, not stacked: optimizer adam (torch.optim.Adam) has no stacked update" in proc.stdout + proc.stderr
     assert "launcher=stacked: 2 trials in 1 stack(s) of [2], 2 on their own" in proc.stdout + proc.stderr
-    ref = _multirun(tmp_path / "joblib", processed_dir, ["optimizer=sgd", "optimizer.lr=1e30,0.01"], LAUNCHERS["joblib"])
+    ref = multirun(tmp_path / "joblib", processed_dir, ["optimizer=sgd", "optimizer.lr=1e30,0.01"], LAUNCHERS["joblib"])
     assert ref.returncode == 0, ref.stderr[-3000:]
 
-    client, (parent,), children = _store(tmp_path / "stacked")
+    client, (parent,), children = sweep_store(tmp_path / "stacked")
     assert parent.info.status == "FINISHED" and len(children) == 4
     by = {(c.data.params["optimizer"], float(c.data.params["lr"])): c for c in children}
     failed = by[("sgd", 1e30)]
     assert failed.info.status == "FAILED"
     assert failed.data.tags["mnistlab.error"].startswith("NonFiniteLossError: Training loss became nan at epoch 0")
     assert by[("adam", 1e30)].info.status == "FAILED" and by[("adam", 0.01)].info.status == "FINISHED"
-    rows = {(r["optimizer"], float(r["lr"])): r for r in _csv(tmp_path / "stacked" / "reports" / "sweep.csv")}
+    rows = {(r["optimizer"], float(r["lr"])): r for r in read_csv(tmp_path / "stacked" / "reports" / "sweep.csv")}
     assert len(rows) == 4 and rows[("sgd", 1e30)]["status"] == "FAILED" and rows[("sgd", 0.01)]["status"] == "FINISHED"
 
-    rc, _, ref_runs = _store(tmp_path / "joblib")
+    rc, _, ref_runs = sweep_store(tmp_path / "joblib")
     (alone,) = [r for r in ref_runs if r.data.params["lr"] == "0.01"]
     ok = by[("sgd", 0.01)]
     assert ok.info.status == "FINISHED"
@@ -184,15 +184,15 @@ def test_a_rerun_stacks_only_the_trials_it_must_train(tmp_path, processed_dir):
     from mnistlab.tracking.tags import REUSED_TAG
 
     grid = ["optimizer=sgd,rmsprop", "reuse_finished=true"]
-    first = _multirun(tmp_path, processed_dir, grid + ["optimizer.lr=0.01"], ["launcher=stacked"])
+    first = multirun(tmp_path, processed_dir, grid + ["optimizer.lr=0.01"], ["launcher=stacked"])
     assert first.returncode == 0, first.stderr[-3000:]
-    second = _multirun(tmp_path, processed_dir, grid + ["optimizer.lr=0.01,0.1"], ["launcher=stacked"],
+    second = multirun(tmp_path, processed_dir, grid + ["optimizer.lr=0.01,0.1"], ["launcher=stacked"],
                        sweep_dir="multirun2")
     assert second.returncode == 0, second.stderr[-3000:]
     out = second.stdout + second.stderr
     assert out.count("is not stacked: its job reuses FINISHED run") == 2, out[-3000:]
     assert "launcher=stacked: 2 trials in 1 stack(s) of [2], 2 on their own" in out
-    client, parents, children = _store(tmp_path)
+    client, parents, children = sweep_store(tmp_path)
     assert len(parents) == 2 and len(children) == 6
     latest = max(parents, key=lambda r: r.info.start_time).info.run_id
     kids = [c for c in children if c.data.tags["mlflow.parentRunId"] == latest]
@@ -205,11 +205,11 @@ def test_a_rerun_stacks_only_the_trials_it_must_train(tmp_path, processed_dir):
 def test_a_stacked_sweep_with_job_chdir_finishes_its_trials(tmp_path, processed_dir):
     """hydra.job.chdir=true: each member's job runs in its own dir and still adopts its stack's results (the result
     file is named by an absolute path, not one relative to the launcher's working directory)."""
-    proc = _multirun(tmp_path, processed_dir, ["optimizer=sgd,rmsprop", "hydra.job.chdir=true"],
+    proc = multirun(tmp_path, processed_dir, ["optimizer=sgd,rmsprop", "hydra.job.chdir=true"],
                      ["launcher=stacked", "hydra.launcher.n_jobs=1"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "launcher=stacked: 2 trials in 1 stack(s) of [2], 0 on their own" in proc.stdout + proc.stderr
-    _, (parent,), children = _store(tmp_path)
+    _, (parent,), children = sweep_store(tmp_path)
     assert parent.info.status == "FINISHED" and sorted(c.info.status for c in children) == ["FINISHED", "FINISHED"]
     for trial in ("0", "1"):
         d = tmp_path / "multirun" / trial

@@ -3,10 +3,8 @@ what is missing, and the DVC study stage reachable with `dvc exp run -S`."""
 
 from __future__ import annotations
 
-import csv
 import json
 import math
-import os
 import signal
 import statistics
 import subprocess
@@ -18,14 +16,9 @@ import pytest
 from mlflow import MlflowClient
 from scipy import stats
 
-from conftest import PROJECT_ROOT, cli_env
+from conftest import PROJECT_ROOT, cli_env, read_csv
 from mnistlab.tracking.store import default_tracking_uri, ensure_experiment
 from mnistlab.tracking.tags import PARENT_TAG, REUSED_TAG, SWEEP_TAG
-
-
-def _csv(path: Path) -> list[dict]:
-    with open(path) as f:
-        return list(csv.DictReader(f))
 
 
 def test_chosen_config_is_the_validation_winner_even_when_test_disagrees(tmp_path):
@@ -138,7 +131,7 @@ def test_killed_sweep_rerun_trains_only_missing_trials_and_a_new_seed_only_its_t
     groups: dict[tuple, list] = {}
     for c in kids:
         groups.setdefault((c.data.params["optimizer"], float(c.data.params["lr"])), []).append(c.data.metrics)
-    table = {(r["optimizer"], float(r["lr"])): r for r in _csv(tmp_path / "s3" / "study.csv")}
+    table = {(r["optimizer"], float(r["lr"])): r for r in read_csv(tmp_path / "s3" / "study.csv")}
     assert set(table) == set(groups)
     for key, ms in groups.items():
         for metric, col in (("val/acc_best", "val"), ("test/acc", "test")):
@@ -179,7 +172,7 @@ def test_dvc_exp_run_reaches_the_study_stage_and_metrics_are_numbers(project_cop
     sets = ["data.verify_checksums=false", "data.val_size=100", "study.optimizers=[sgd]", "study.lrs=[0.1]",
             "study.batch_sizes=[64]", "study.seeds=2", "study.max_epochs=1"]
     dvc("exp", "run", *[a for s in sets for a in ("-S", s)], "study/dvc.yaml")
-    rows = _csv(project_copy / "reports" / "sweep.csv")
+    rows = read_csv(project_copy / "reports" / "sweep.csv")
     assert [(r["optimizer"], r["lr"], r["batch_size"], r["seed"]) for r in rows] == [("sgd", "0.1", "64", "0"),
                                                                                      ("sgd", "0.1", "64", "1")]
     shown = json.loads(dvc("metrics", "show", "--json").stdout)

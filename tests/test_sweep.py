@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from mlflow import MlflowClient
 
-from conftest import BIN, PROJECT_ROOT, cli_env
+from conftest import BIN, LAUNCHERS, cli_env, multirun, read_csv, sweep_store
 from mnistlab.tracking.store import default_tracking_uri
 
 
@@ -41,41 +38,10 @@ def test_study_grid_expands_to_36_configs_times_3_seeds():
     assert len({tuple(sorted(j.items())) for j in jobs}) == 108
 
 
-def _multirun(tmp: Path, processed: Path, grid: list[str], launcher: list[str], timeout=600, sweep_dir="multirun"):
-    args = [
-        sys.executable, "-m", "mnistlab.train", "-m", *launcher, *grid,
-        f"data.processed_dir={processed}", "data.val_size=100", "data.batch_size=32", "data.eval_batch_size=100",
-        "trainer.max_epochs=2", "trainer.log_every_n_steps=4", "callbacks.finite_loss.check_every_n_steps=1",
-        f"paths.root={tmp}", f"paths.mlruns_dir={tmp / 'mlruns'}", f"paths.sweep_reports_dir={tmp / 'reports'}",
-        f"hydra.sweep.dir={tmp / sweep_dir}", "logger.log_model=false",
-        "trainer.enable_progress_bar=false", "callbacks.rich_progress_bar=null",
-    ]
-    return subprocess.run(args, cwd=PROJECT_ROOT, env=cli_env(), capture_output=True, text=True, timeout=timeout)
-
-
-def _store(tmp: Path):
-    client = MlflowClient(default_tracking_uri(tmp / "mlruns"))
-    exp = client.get_experiment_by_name("mnistlab")
-    runs = client.search_runs([exp.experiment_id], max_results=1000)
-    parents = [r for r in runs if r.data.tags.get("mnistlab.sweep") == "true"]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    return client, parents, children
-
-
-def _csv(path: Path) -> list[dict]:
-    with open(path) as f:
-        return list(csv.DictReader(f))
-
-
 def _cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
-LAUNCHERS = {
-    "basic": ["launcher=basic"],
-    "joblib": ["launcher=joblib", "hydra.launcher.n_jobs=2"],
-    "submitit_local": ["launcher=submitit_local"],
-}
 # torch threads per trial: all cores one trial at a time; cores split over joblib's 2 workers; submitit_local
 # starts every trial at once, so 1 each.
 THREADS = {"basic": _cores, "joblib": lambda: max(1, _cores() // 2), "submitit_local": lambda: 1}
@@ -84,9 +50,9 @@ THREADS = {"basic": _cores, "joblib": lambda: max(1, _cores() // 2), "submitit_l
 @pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["basic", "joblib"])
 def test_multirun_gives_one_parent_four_children_and_the_report(tmp_path, processed_dir, launcher):
-    proc = _multirun(tmp_path, processed_dir, ["optimizer=sgd,rmsprop", "optimizer.lr=0.001,0.1"], LAUNCHERS[launcher])
+    proc = multirun(tmp_path, processed_dir, ["optimizer=sgd,rmsprop", "optimizer.lr=0.001,0.1"], LAUNCHERS[launcher])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    client, parents, children = _store(tmp_path)
+    client, parents, children = sweep_store(tmp_path)
     (parent,) = parents
     assert parent.info.status == "FINISHED"
     assert len(children) == 4 and {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
@@ -94,7 +60,7 @@ def test_multirun_gives_one_parent_four_children_and_the_report(tmp_path, proces
     assert len({c.info.run_name for c in children}) == 4, "trial names must be unique"
     assert {c.data.tags["mnistlab.torch_threads"] for c in children} == {str(THREADS[launcher]())}
 
-    rows = _csv(tmp_path / "reports" / "sweep.csv")
+    rows = read_csv(tmp_path / "reports" / "sweep.csv")
     assert len(rows) == 4 and {r["status"] for r in rows} == {"FINISHED"}
     assert {(r["optimizer"], float(r["lr"])) for r in rows} == {(o, lr) for o in ("sgd", "rmsprop") for lr in (0.001, 0.1)}
     by_id = {c.info.run_id: c for c in children}
@@ -116,12 +82,12 @@ def test_multirun_gives_one_parent_four_children_and_the_report(tmp_path, proces
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 def test_failed_trial_is_failed_on_every_launcher_and_the_others_finish(tmp_path, processed_dir, launcher):
     """The diverging trial comes first; the sweep goes on, exits 0, and MLflow and the report say which failed."""
-    proc = _multirun(tmp_path, processed_dir, ["optimizer=sgd", "optimizer.lr=1e30,0.1"], LAUNCHERS[launcher])
+    proc = multirun(tmp_path, processed_dir, ["optimizer=sgd", "optimizer.lr=1e30,0.1"], LAUNCHERS[launcher])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {float(r["lr"]): r for r in _csv(tmp_path / "reports" / "sweep.csv")}
+    rows = {float(r["lr"]): r for r in read_csv(tmp_path / "reports" / "sweep.csv")}
     assert rows[1e30]["status"] == "FAILED" and rows[1e30]["test/acc"] == ""
     assert rows[0.1]["status"] == "FINISHED" and float(rows[0.1]["test/acc"]) > 0.5
-    _, (parent,), children = _store(tmp_path)
+    _, (parent,), children = sweep_store(tmp_path)
     assert parent.info.status == "FINISHED" and len(children) == 2
     by_lr = {c.data.params["lr"]: c for c in children}
     failed, finished = by_lr["1e+30"], by_lr["0.1"]
@@ -133,23 +99,23 @@ def test_failed_trial_is_failed_on_every_launcher_and_the_others_finish(tmp_path
 
 @pytest.mark.slow
 def test_sweep_where_every_trial_fails_exits_nonzero_with_runs_recorded(tmp_path, processed_dir):
-    proc = _multirun(tmp_path, processed_dir, ["optimizer=sgd", "optimizer.lr=-1,-2"], ["launcher=basic"])
+    proc = multirun(tmp_path, processed_dir, ["optimizer=sgd", "optimizer.lr=-1,-2"], ["launcher=basic"])
     assert proc.returncode != 0
     assert "all 2 trials of the sweep failed" in proc.stderr
-    rows = _csv(tmp_path / "reports" / "sweep.csv")
+    rows = read_csv(tmp_path / "reports" / "sweep.csv")
     assert [r["status"] for r in rows] == ["FAILED", "FAILED"]
-    _, (parent,), _ = _store(tmp_path)
+    _, (parent,), _ = sweep_store(tmp_path)
     assert parent.info.status == "FAILED"
 
 
 @pytest.mark.slow
 def test_report_cli_picks_the_latest_of_two_sweeps(tmp_path, processed_dir):
     """Two real sweeps in one store: `mnistlab-report` rebuilds the newer by default, the older with --parent."""
-    older = _multirun(tmp_path, processed_dir, ["optimizer=sgd"], LAUNCHERS["basic"], sweep_dir="older")
+    older = multirun(tmp_path, processed_dir, ["optimizer=sgd"], LAUNCHERS["basic"], sweep_dir="older")
     assert older.returncode == 0, older.stderr[-3000:]
-    newer = _multirun(tmp_path, processed_dir, ["optimizer=momentum,rmsprop"], LAUNCHERS["basic"], sweep_dir="newer")
+    newer = multirun(tmp_path, processed_dir, ["optimizer=momentum,rmsprop"], LAUNCHERS["basic"], sweep_dir="newer")
     assert newer.returncode == 0, newer.stderr[-3000:]
-    _, parents, children = _store(tmp_path)
+    _, parents, children = sweep_store(tmp_path)
     parent_of = {Path(p.data.tags["mnistlab.sweep_dir"]).name: p.info.run_id for p in parents}
     assert set(parent_of) == {"older", "newer"}
     children_of = {name: [c for c in children if c.data.tags["mlflow.parentRunId"] == pid] for name, pid in parent_of.items()}
@@ -162,7 +128,7 @@ def test_report_cli_picks_the_latest_of_two_sweeps(tmp_path, processed_dir):
         return json.loads(proc.stdout)
 
     def reported_trials() -> dict[str, str]:
-        return {r["run_id"]: r["optimizer"] for r in _csv(tmp_path / "rep" / "sweep.csv")}
+        return {r["run_id"]: r["optimizer"] for r in read_csv(tmp_path / "rep" / "sweep.csv")}
 
     latest = report()
     assert reported_trials() == {c.info.run_id: c.data.params["optimizer"] for c in children_of["newer"]}

@@ -1,0 +1,161 @@
+"""The pure core on hand-built inputs (issue 26): the study statistics against independent computations (scipy's
+t-test routes, not the interval formula report.py uses), the config hash (what changes it, what does not), and the
+stacked planner (caps, seed-major order, the trials it refuses and why). No training, no store."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from omegaconf import OmegaConf, open_dict
+from scipy import stats
+
+from conftest import compose
+from mnistlab.metrics import OBJECTIVE
+from mnistlab.report import _lr_ranges, choose, config_rows, mean_ci, paired_difference
+from mnistlab.stacked.plan import plan
+from mnistlab.tracking.resume import config_hash
+
+
+def _trial(opt: str, lr: float, seed: int, val: float | None, test: float | None, status: str = "FINISHED",
+           bs: int = 128) -> dict:
+    return {"optimizer": opt, "lr": lr, "batch_size": bs, "momentum": None, "seed": seed, OBJECTIVE: val,
+            "test/acc": test, "epochs": 5, "fit_seconds": 1.0, "status": status, "reused": "", "run_id": f"{opt}{lr}{seed}"}
+
+
+def statistics_mean(xs: list[float]) -> float:
+    return math.fsum(xs) / len(xs)
+
+
+# --- statistics ---
+
+def test_mean_ci_is_the_t_interval_scipy_gives():
+    values = [0.9712, 0.9755, 0.9731, 0.9790, 0.9748]
+    got = mean_ci(values)
+    want = stats.ttest_1samp(values, 0.0).confidence_interval(0.95)  # another scipy route to the same interval
+    assert got["mean"] == pytest.approx(sum(values) / 5, abs=1e-15)
+    assert got["sd"] == pytest.approx(stats.tstd(values), rel=1e-12)
+    assert (got["low"], got["high"]) == (pytest.approx(want.low, abs=1e-12), pytest.approx(want.high, abs=1e-12))
+
+
+@pytest.mark.parametrize("values, mean", [([], math.nan), ([0.97], 0.97)])
+def test_mean_ci_below_two_values_has_no_interval(values, mean):
+    got = mean_ci(values)
+    assert (math.isnan(got["mean"]) if math.isnan(mean) else got["mean"] == mean)
+    assert all(math.isnan(got[k]) for k in ("sd", "low", "high"))
+
+
+def test_mean_ci_of_equal_values_is_the_point():
+    assert mean_ci([0.98, 0.98, 0.98]) == {"mean": 0.98, "sd": 0.0, "low": 0.98, "high": 0.98}
+
+
+def test_paired_difference_pairs_seeds_both_finished_as_a_paired_t_test_does():
+    a = [_trial("sgd", 0.1, s, 0.97, t) for s, t in enumerate([0.9700, 0.9721, 0.9688, 0.9730])]
+    b = [_trial("rmsprop", 0.001, s, 0.97, t) for s, t in enumerate([0.9690, 0.9701, 0.9695, 0.9702])]
+    b.append(_trial("rmsprop", 0.001, 4, 0.97, 0.99))  # seed 4: only b has it
+    a[3] = _trial("sgd", 0.1, 3, None, None, status="FAILED")  # seed 3: a failed, so not paired
+    (ca,), (cb,) = config_rows(a), config_rows(b)
+    got = paired_difference(ca, cb)
+    xa, xb = [0.9700, 0.9721, 0.9688], [0.9690, 0.9701, 0.9695]
+    want = stats.ttest_rel(xa, xb).confidence_interval(0.95)
+    assert got["n"] == 3
+    assert got["mean"] == pytest.approx(statistics_mean([x - y for x, y in zip(xa, xb)]), abs=1e-15)
+    assert (got["low"], got["high"]) == (pytest.approx(want.low, abs=1e-12), pytest.approx(want.high, abs=1e-12))
+    assert got["excludes_zero"] == (want.low > 0 or want.high < 0)
+
+
+def test_paired_difference_of_a_constant_shift_excludes_zero_and_of_one_seed_says_nothing():
+    a = [_trial("sgd", 0.1, s, 0.97, 0.970 + s / 1000) for s in range(3)]
+    b = [_trial("momentum", 0.01, s, 0.97, 0.968 + s / 1000) for s in range(3)]
+    d = paired_difference(config_rows(a)[0], config_rows(b)[0])
+    assert d["n"] == 3 and d["sd"] == pytest.approx(0.0, abs=1e-15) and d["excludes_zero"]
+    assert d["mean"] == pytest.approx(0.002, abs=1e-12)
+    one = paired_difference(config_rows(a[:1])[0], config_rows(b[:1])[0])
+    assert one["n"] == 1 and math.isnan(one["low"]) and not one["excludes_zero"]
+
+
+def test_choose_prefers_configs_whose_every_seed_finished():
+    trials = [_trial("sgd", 1.0, s, 0.99, 0.99) for s in range(2)] + [_trial("sgd", 1.0, 2, None, None, "FAILED")]
+    trials += [_trial("sgd", 0.1, s, 0.97, 0.97) for s in range(3)]
+    configs = config_rows(trials)
+    by = {c["config"]: c for c in configs}
+    assert (by["sgd lr=1 bs=128"]["finished"], by["sgd lr=1 bs=128"]["failed"]) == (2, 1)
+    assert choose(configs)["config"] == "sgd lr=0.1 bs=128"  # higher mean val, but one seed failed
+    assert choose([by["sgd lr=1 bs=128"]])["config"] == "sgd lr=1 bs=128"  # the only one: chosen, said as partial
+    assert choose(config_rows([_trial("sgd", 1.0, 0, None, None, "FAILED")])) is None
+
+
+def test_usable_lrs_are_those_within_the_margin_of_the_best_and_never_a_failed_one():
+    trials = [_trial("sgd", lr, s, v, 0.97) for lr, v in ((0.01, 0.950), (0.1, 0.975), (1.0, 0.972)) for s in range(2)]
+    trials += [_trial("sgd", 3.0, 0, 0.979, 0.97), _trial("sgd", 3.0, 1, None, None, "FAILED")]
+    assert _lr_ranges(config_rows(trials), "sgd", 0.975) == "bs 128: 0.1, 1"
+
+
+# --- the config hash ---
+
+BASE = ["optimizer=sgd", "optimizer.lr=0.1", "seed=0"]
+
+
+@pytest.mark.parametrize("override, changes", [
+    ("optimizer.lr=0.2", True), ("seed=1", True), ("data.batch_size=32", True), ("optimizer=momentum", True),
+    ("model.hidden_sizes=[256]", True), ("model=cnn", True), ("trainer.max_epochs=3", True),
+    ("trainer.precision=bf16-mixed", True), ("data.val_size=4000", True), ("compile=default", True),
+    ("paths.mlruns_dir=/elsewhere", False), ("logger=none", False), ("num_threads=1", False),
+    ("trainer.enable_progress_bar=false", False), ("callbacks.rich_progress_bar=null", False),
+    ("trainer.log_every_n_steps=7", False), ("reuse_finished=true", False), ("task_name=other", False),
+    ("callbacks.model_checkpoint.save_last=false", False), ("data.processed_dir=/other/data", False),
+])
+def test_the_config_hash_covers_what_changes_a_result_and_nothing_else(override, changes):
+    base = config_hash(compose(BASE), "abc")
+    assert (config_hash(compose(BASE + [override]), "abc") != base) is changes
+
+
+def test_the_config_hash_covers_the_data():
+    assert config_hash(compose(BASE), "abc") != config_hash(compose(BASE), "abd")
+    assert config_hash(compose(BASE), "abc") == config_hash(compose(BASE), "abc")
+
+
+# --- the stacked planner ---
+
+def _cfgs(overrides: list[list[str]]) -> list:
+    out = []
+    for i, o in enumerate(overrides):
+        cfg = compose(["reuse_finished=false", *o])
+        with open_dict(cfg):
+            cfg.hydra = OmegaConf.create({"job": {"num": i}})
+        out.append(cfg)
+    return out
+
+
+def test_the_planner_groups_by_key_caps_stacks_and_orders_members_seed_major():
+    grid = [[f"optimizer={o}", f"seed={s}"] for s in (0, 1) for o in ("sgd", "momentum", "rmsprop")]
+    cfgs = _cfgs(grid + [["optimizer=sgd", "seed=0", "data.batch_size=32"]])
+    groups, alone = plan(cfgs, max_members=4, mem_per_member_mb=1.0, root=None, workers=1)
+    assert alone == [6]  # batch 32: no other trial shares its settings
+    assert sorted(map(len, groups)) == [3, 3]  # 6 members, at most 4 per stack: two even stacks
+    seeds = [[int(cfgs[i].seed) for i in g] for g in groups]
+    assert seeds == [[0, 0, 0], [1, 1, 1]]  # seed-major: a stack of one seed shares its batches
+
+
+@pytest.mark.parametrize("override, why", [
+    ("optimizer=adam", "optimizer adam (torch.optim.Adam) has no stacked update"),
+    ("model.dropout=0.2", "dropout needs each member's own random masks"),
+    ("model=cnn", "model mnistlab.nets.SmallCNN has no stacked form"),
+    ("callbacks=early_stopping", "callbacks.early_stopping is not stacked"),
+    ("compile=default", "compile is not stacked"),
+    ("trainer.precision=bf16-mixed", "only precision 32-true is stacked"),
+])
+def test_the_planner_refuses_what_a_stack_cannot_train_and_says_why(override, why, caplog):
+    cfgs = _cfgs([["optimizer=sgd", "seed=0"], ["optimizer=rmsprop", "seed=0"], [override]])
+    with caplog.at_level("INFO", logger="mnistlab.stacked"):
+        groups, alone = plan(cfgs, max_members=12, mem_per_member_mb=1.0, root=None)
+    assert groups == [[0, 1]] and alone == [2]
+    assert f"trial 2 trains on its own, not stacked: {why}" in caplog.text
+
+
+def test_the_planner_runs_another_apps_jobs_one_by_one(caplog):
+    other = OmegaConf.create({"foo": 1, "hydra": {"job": {"num": 0}}})
+    with caplog.at_level("INFO", logger="mnistlab.stacked"):
+        groups, alone = plan([other], max_members=12, mem_per_member_mb=1.0, root=None)
+    assert (groups, alone) == ([], [0])
+    assert "not an mnistlab trial (its config has no seed, model, optimizer" in caplog.text
