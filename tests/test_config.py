@@ -128,3 +128,21 @@ def test_trainer_config_instantiates_a_lightning_trainer():
     cfg = compose(["trainer=cpu", "trainer.enable_progress_bar=false"])
     trainer = hydra.utils.instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
     assert trainer.max_epochs == 5 and trainer.strategy.root_device.type == "cpu"
+
+
+@pytest.mark.parametrize("args, named", [
+    (["optimizer=adamw"], "optimizer=adamw: conf/optimizer/ has no adamw.yaml; one of ['adam', 'momentum'"),
+    (["-m", "optimizer=sgd,adamw"], "optimizer=adamw: conf/optimizer/ has no adamw.yaml"),
+    (["-m", "optimizer.lr=interval(0.001,0.1)"], "runs lists and ranges, not interval(...) sweeps"),
+])
+def test_an_option_or_sweep_hydra_cannot_run_exits_2_before_anything_starts(tmp_path, args, named):
+    """A config group option that does not exist, or an interval sweep under the basic sweeper: Hydra failed after
+    start-up with exit 1 (a KILLED parent run and a stray sweep dir for the sweep). Now exit 2, one message naming
+    the override and the fix, nothing created."""
+    proc = subprocess.run([sys.executable, "-m", "mnistlab.train", *args, f"paths.mlruns_dir={tmp_path / 'mlruns'}",
+                           f"hydra.run.dir={tmp_path / 'run'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                          cwd=PROJECT_ROOT, env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith("error: Invalid command line (1 problem(s)); nothing was started:")
+    assert named in proc.stderr and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -225,3 +225,19 @@ def test_a_run_that_fails_while_starting_ends_failed_not_running(tmp_path):
     (stored,) = MlflowClient(uri).search_runs([exp_id])
     assert stored.info.run_id == err.value.mlflow_run_id == run.run_id
     assert stored.info.status == "FAILED" and "digest" in stored.data.tags["mnistlab.error"]
+
+
+def test_make_ui_on_a_busy_port_fails_before_printing_a_link(tmp_path):
+    """`make ui` on a port another program listens on: exit 2 with the port and UI_PORT= named, no link printed (it
+    used to print the link, then fail in the server with "Address already in use" and exit 0)."""
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        proc = subprocess.run(
+            ["make", "--no-print-directory", "-o", "setup", "ui", f"MLRUNS={tmp_path / 'mlruns'}", f"UI_PORT={port}",
+             f"VENV={BIN.parent}"],
+            cwd=PROJECT_ROOT, env=cli_env(), capture_output=True, text=True, timeout=120,
+        )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"cannot serve the MLflow UI on 127.0.0.1:{port}" in proc.stderr
+    assert f"UI_PORT={port + 1}" in proc.stderr and "Nothing was started." in proc.stderr
+    assert "http://" not in proc.stdout and not (tmp_path / "mlruns").exists()

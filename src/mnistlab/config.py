@@ -117,6 +117,49 @@ def model_problems(model: DictConfig) -> list[str]:
             for key, ok, rule in net.config_problems(plain) if not ok]
 
 
+# Hydra flags that take a value (the next token), so it is not read as an override
+_VALUE_FLAGS = {"--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp", "--cfg", "-c", "--package", "-p",
+                "--experimental-rerun"}
+
+
+def override_problems(argv: list[str], conf: Path) -> list[str]:
+    """Command-line overrides Hydra would only reject after start-up (exit 1, a stray run or sweep dir): an option a
+    config group of `conf` does not have, an interval sweep the basic sweeper cannot run. Syntax errors are left
+    to Hydra's own message."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    tokens, skip = [], False
+    for a in argv:
+        if skip or a.startswith("-"):
+            skip = a in _VALUE_FLAGS
+            continue
+        if "=" in a:
+            tokens.append(a)
+    try:
+        parsed = OverridesParser.create().parse_overrides(tokens)
+    except Exception:  # noqa: BLE001 - Hydra reports its own syntax errors, with the position
+        return []
+    out = []
+    other_sweeper = any(o.key_or_group == "hydra/sweeper" for o in parsed)
+    for o in parsed:
+        if o.is_delete():
+            continue
+        if o.is_sweep_override() and o.is_interval_sweep():
+            if not other_sweeper:
+                out.append(f"{o.input_line}: Hydra's basic sweeper (the one conf/ uses) runs lists and ranges, not "
+                           "interval(...) sweeps: give the values, e.g. `optimizer.lr=0.001,0.01,0.1`")
+            continue
+        group = conf / o.key_or_group
+        if o.package is not None or not group.is_dir():
+            continue
+        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+        options = sorted(p.stem for p in group.glob("*.yaml"))
+        for v in values:
+            if v != "null" and v not in options:
+                out.append(f"{o.key_or_group}={v}: conf/{o.key_or_group}/ has no {v}.yaml; one of {options}")
+    return out
+
+
 def input_problems(cfg: DictConfig, root) -> list[str]:
     """What the config points at, checked before data loads or a run opens: the checkpoint to resume, the MLflow
     store, and that the split parameters are the ones data/processed was made with."""

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from mnistlab.config import (
     ConfigError,
     effective_test_ckpt,
+    override_problems,
     validate,
     validate_inputs,
     with_run_overrides,
@@ -184,6 +185,11 @@ def main() -> None:
     (for a single run and for a whole sweep), so a scheduler or `dvc repro` never reads an interrupt as success."""
 
     install_sigterm_handler()
+    bad = override_problems(sys.argv[1:], CONF_DIR)
+    if bad:  # before Hydra starts: nothing is created, and a bad config exits 2 as the README says
+        lines = "\n".join(f"  - {p}" for p in bad)
+        print(f"error: Invalid command line ({len(bad)} problem(s)); nothing was started:\n{lines}", file=sys.stderr)
+        sys.exit(2)
     sys.argv = with_run_overrides(sys.argv)
     try:
         hydra_main()

@@ -57,6 +57,17 @@ def end_runs_of_process(client, pid: int, status: str, reason: str) -> list[str]
     for run in runs:
         end_run(client, run.info.run_id, status, reason)
     return [r.info.run_id for r in runs]
+def port_problem(host: str, port: int) -> str | None:
+    """Why `mlflow ui` could not listen on host:port (None: it can), found by binding it for a moment."""
+    try:
+        with socket.create_server((host, port)):
+            return None
+    except OSError as e:
+        return (f"cannot serve the MLflow UI on {host}:{port}: {e.strerror or e}. Another program (an earlier "
+                f"`make ui`?) holds that port: stop it, or pick another with `make ui UI_PORT={port + 1}` "
+                f"(`mnistlab-runs ui --port {port + 1}`). Nothing was started.")
+
+
 def serve_ui(host: str, port: int, experiment: str | None = None, overrides: list[str] | None = None) -> None:
     """Print the link to the experiment's training runs, then become `mlflow ui` over the project's store."""
     import os
@@ -65,6 +76,10 @@ def serve_ui(host: str, port: int, experiment: str | None = None, overrides: lis
 
     from mlflow import MlflowClient
 
+    problem = port_problem(host, port)
+    if problem:  # before any link is printed: a link to a port another program holds leads nowhere
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     uri, name, mlruns = project_store(overrides)
     exp_id = ensure_experiment(uri, experiment or name, mlruns)
     set_experiment_view(MlflowClient(uri), exp_id)  # also for an experiment made before the project set it
