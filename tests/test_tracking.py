@@ -15,7 +15,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import BIN, PROJECT_ROOT, cli_env, compose, fast_overrides
+from conftest import BIN, PROJECT_ROOT, cli_env, compose, fast_overrides, run_train, store_runs
 from mnistlab.tracking.store import default_tracking_uri
 from mnistlab.train import train
 
@@ -241,3 +241,11 @@ def test_make_ui_on_a_busy_port_fails_before_printing_a_link(tmp_path):
     assert f"cannot serve the MLflow UI on 127.0.0.1:{port}" in proc.stderr
     assert f"UI_PORT={port + 1}" in proc.stderr and "Nothing was started." in proc.stderr
     assert "http://" not in proc.stdout and not (tmp_path / "mlruns").exists()
+
+
+def test_the_run_records_the_precision_it_trained_in(tmp_path, processed_dir):
+    """trainer.precision=16 on a CPU: Lightning trains in bf16-mixed, and the run now says so (it recorded 16)."""
+    proc = run_train(tmp_path, *fast_overrides(tmp_path, processed_dir, epochs=1), "trainer.precision=16")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, (run,) = store_runs(tmp_path / "mlruns")
+    assert run.data.params["precision"] == "bf16-mixed"

@@ -53,7 +53,6 @@ def curated_params(cfg: DictConfig) -> dict:
         "max_epochs": cfg.trainer.max_epochs,
         "seed": cfg.seed,
         **model_params(cfg.model),
-        "precision": cfg.trainer.precision,
         "accelerator": cfg.trainer.accelerator,
         "val_size": cfg.data.val_size,
         "split_seed": cfg.data.split_seed,
@@ -122,9 +121,10 @@ def log_run_start(run, cfg: DictConfig, threads: int, overrides: list[str]) -> N
 
 
 def log_device(run, trainer) -> None:
-    """The device the trainer's strategy put the model on (known only once the trainer exists)."""
-
+    """The device the trainer's strategy put the model on and the precision it trains in (known only once the trainer
+    exists: Lightning turns trainer.precision=16 into bf16-mixed on a CPU)."""
     run.client.set_tag(run.run_id, "mnistlab.device", device_name(trainer.strategy.root_device))
+    run.log_params({"precision": trainer.precision})
 
 
 def log_results(run, cfg: DictConfig, trainer, model, dm, rows: list[dict], metrics: dict[str, float]) -> None:
