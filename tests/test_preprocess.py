@@ -355,3 +355,37 @@ def test_cli_success_with_verification_off(tmp_path, fake_arrays):
     meta = json.loads((out / META_NAME).read_text())  # relative paths resolve against the cwd (no project)
     assert meta["split_seed"] == 2 and meta["counts"]["val"] == 100
     assert meta["data_checksum"] in proc.stdout
+
+
+# Ctrl-C at a fixed moment: the preprocess CLI sends itself a real SIGINT right after its first file is on disk.
+_SIGINT_AFTER_FIRST_FILE = """
+import os, signal, sys
+import numpy as np
+from mnistlab.data import preprocess
+
+save = np.save
+def save_then_interrupt(*args, **kwargs):
+    save(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGINT)
+np.save = save_then_interrupt
+sys.argv = ["mnistlab-preprocess", *sys.argv[1:]]
+preprocess.main()
+"""
+
+
+def test_ctrl_c_in_preprocess_says_so_in_one_message_and_keeps_the_old_output(tmp_path):
+    """Ctrl-C during the write printed a 14-frame traceback; now one message with the exit status and the state of
+    data/processed, exit 130, the previous split untouched."""
+    raw_dir, out = tmp_path / "data" / "raw", tmp_path / "data" / "processed"
+    write_npz(raw_dir, fake_mnist(n_train=600, n_test=200))
+    old_meta = run_pp(raw_dir, out, val_size=100, seed=0)
+    before = snapshot(out)
+    proc = subprocess.run([sys.executable, "-c", _SIGINT_AFTER_FIRST_FILE, f"data.raw_dir={raw_dir}",
+                           f"data.processed_dir={out}", "data.verify_checksums=false", "data.val_size=100",
+                           "data.split_seed=1", "hydra.run.dir=.", "hydra.output_subdir=null"],
+                          cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert "mnistlab-preprocess: stopped by Ctrl-C; exit status 130." in proc.stderr
+    assert f"{out} was not changed: the previous split is still in place." in proc.stderr
+    assert snapshot(out) == before and load_processed(out)[1] == old_meta

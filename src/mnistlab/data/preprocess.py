@@ -174,6 +174,10 @@ def main() -> None:
         except MnistDataError as e:
             print(f"error: {e} {recovery_hint(resolve(cfg.data.processed_dir, root))}", file=sys.stderr)
             sys.exit(2)
+        except KeyboardInterrupt:  # one line, as train prints, not a traceback
+            print(f"mnistlab-preprocess: stopped by Ctrl-C; exit status 130. "
+                  f"{recovery_hint(resolve(cfg.data.processed_dir, root))}", file=sys.stderr)
+            sys.exit(130)
 
     _main()
 
