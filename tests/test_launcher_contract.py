@@ -22,10 +22,12 @@ def hydras_own_test_setting():
     """The suite runs the launchers in this process, as Hydra's plugins run it: with Hydra's default version base
     (1.1: a job runs in its own dir), which composing mnistlab's config elsewhere in the session sets to 1.3 for the
     whole process; and the launchers' trials-at-once variable (set for their jobs) must not reach later tests."""
-    base, parallel = VersionBase.instance().getbase(), os.environ.get(PARALLEL_ENV)
-    VersionBase.instance().setbase(Version("1.1"))
+    saved, parallel = VersionBase.instance(), os.environ.get(PARALLEL_ENV)
+    hydras_default = VersionBase()
+    hydras_default.setbase(Version("1.1"))
+    VersionBase.set_instance(hydras_default)
     yield
-    VersionBase.instance().setbase(base)
+    VersionBase.set_instance(saved)
     os.environ.pop(PARALLEL_ENV, None)
     if parallel is not None:
         os.environ[PARALLEL_ENV] = parallel

@@ -103,10 +103,12 @@ def _child(payload: bytes, conn, parallel: int) -> None:
 class ContainedTrials:
     """Runs Hydra jobs `job(*args)` in their own processes, `n` at a time; stop() ends the live ones with SIGTERM."""
 
-    def __init__(self, n: int):
+    def __init__(self, n: int, preload: bool = True):
+        """preload: the forkserver imports torch, Lightning and MLflow once, for mnistlab's trials (another app's
+        jobs would pay seconds of imports they never use)."""
         self.n = n
         self.ctx = multiprocessing.get_context("forkserver")
-        self.ctx.set_forkserver_preload(_PRELOAD)
+        self.ctx.set_forkserver_preload(_PRELOAD if preload else [])
         self.live: dict[int, Any] = {}
         self.lock = threading.Lock()
 

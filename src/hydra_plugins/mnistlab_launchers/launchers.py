@@ -69,6 +69,11 @@ def submitit_executor(launcher):
     return executor
 
 
+def _is_trial_app(config) -> bool:
+    """Whether the sweep runs mnistlab's training (and its processes should start with torch and MLflow imported)."""
+    return all(key in config for key in ("model", "optimizer", "trainer"))
+
+
 def _dead_trial(launcher, overrides: Sequence[str], num: int, pid: int | None, reason: str) -> JobReturn:
     """Record a trial whose process died; COMPLETED with no value (what a failed trial returns), because Hydra's
     sweeper re-raises a FAILED JobReturn and that would end the sweep."""
@@ -119,7 +124,7 @@ class ContainedJoblibLauncher(Launcher):
         state = Singleton.get_state()
         jobs = [(initial_job_idx + i, list(o), self.hydra_context, self.config, self.task_function, state)
                 for i, o in enumerate(job_overrides)]
-        return ContainedTrials(n).run(
+        return ContainedTrials(n, preload=_is_trial_app(self.config)).run(
             execute_job, jobs,
             lambda i, pid, reason: _dead_trial(self, job_overrides[i], initial_job_idx + i, pid, reason),
         )
@@ -243,7 +248,7 @@ class StackedLauncher(Launcher):
             # each member's own pid (in its status file) if its job had started, else none: it gets a FAILED run
             return [_dead_trial(self, jobs[i][1], jobs[i][0], None, reason) for i in units[k]]
 
-        done = ContainedTrials(workers).run(_call, args, dead_unit)
+        done = ContainedTrials(workers, preload=_is_trial_app(self.config)).run(_call, args, dead_unit)
         results = {i: r for unit, rets in zip(units, done) for i, r in zip(unit, rets)}
         return [results[i] for i in range(len(cfgs))]
 
