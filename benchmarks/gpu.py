@@ -30,7 +30,6 @@ import math
 import os
 import platform
 import shutil
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,9 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from command_speed import epoch_gaps  # noqa: E402  (the command's epochs from MLflow's records, as on the CPU)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data" / "processed"
@@ -231,13 +233,6 @@ def _run(cmd: list[str], log_path: Path, timeout: float) -> dict:
     return r
 
 
-def _val_acc_times(db: Path) -> list[float]:
-    """The val/acc timestamps (s) of the store's one run, in epoch order."""
-    with sqlite3.connect(db) as con:
-        rows = con.execute("SELECT step, timestamp FROM metrics WHERE key = 'val/acc' ORDER BY timestamp").fetchall()
-    return [t / 1000 for _, t in rows]
-
-
 def command(tmp: Path, name: str, batch_size: int, epochs: int | None, extra: list[str], timeout: float) -> dict:
     mlruns, run_dir = tmp / f"mlruns_{name}", tmp / f"run_{name}"
     cmd = [sys.executable, "-m", "mnistlab.train", f"data.batch_size={batch_size}", f"paths.mlruns_dir={mlruns}",
@@ -246,8 +241,7 @@ def command(tmp: Path, name: str, batch_size: int, epochs: int | None, extra: li
     if (run_dir / "metrics.json").is_file():
         r["metrics"] = json.loads((run_dir / "metrics.json").read_text())
     if (mlruns / "mlflow.db").is_file():
-        stamps = _val_acc_times(mlruns / "mlflow.db")
-        gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+        gaps = epoch_gaps(mlruns / "mlflow.db")
         r["epoch_gaps_seconds"] = [round(g, 3) for g in gaps]
         if gaps:
             r["median_epoch_seconds"] = statistics.median(gaps)

@@ -1,6 +1,6 @@
 """Models by `_target_` (issue 20): a net is a plain nn.Module in mnistlab.nets with a yaml in conf/model/; the one
-LightningModule trains whichever is chosen, validation and the MLflow params follow what that net declares, and the
-stacked launcher trains a model it cannot stack one by one, saying so."""
+LightningModule trains whichever is chosen, validation and the MLflow params follow what that net declares. (The stacked
+launcher trains a model it cannot stack one by one, saying so: test_core's planner test.)"""
 
 from __future__ import annotations
 
@@ -65,15 +65,3 @@ def test_the_mlp_config_builds_the_same_net_as_before():
     assert isinstance(by_target, MLP)
     for a, b, c in zip(by_target.state_dict().values(), old.state_dict().values(), direct.state_dict().values()):
         assert torch.equal(a, b) and torch.equal(a, c)
-
-
-@pytest.mark.slow
-def test_the_stacked_launcher_trains_the_cnn_one_by_one(tmp_path, processed_dir):
-    proc = run_train(tmp_path, "-m", *fast_overrides(tmp_path, processed_dir, epochs=1), "model=cnn",
-                     "optimizer=sgd,rmsprop", "launcher=stacked", "hydra.launcher.n_jobs=1",
-                     f"hydra.sweep.dir={tmp_path / 'multirun'}", "logger.log_model=false")
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-3000:]
-    assert out.count("trains on its own, not stacked: model mnistlab.nets.SmallCNN has no stacked form") == 2, out[-3000:]
-    _, runs = store_runs(tmp_path / "mlruns")
-    assert sorted(r.info.status for r in runs if "mlflow.parentRunId" in r.data.tags) == ["FINISHED", "FINISHED"]
