@@ -18,12 +18,7 @@ from mnistlab.run_info import environment_tags, git_tags
 from mnistlab.tracking.status import end_run
 from mnistlab.tracking.store import open_store, store_uri
 from mnistlab.tracking.tags import SWEEP_DIR_TAG, SWEEP_TAG
-from mnistlab.trial_status import (
-    TRIAL_STATUS_FILE,
-    read_trial_status,
-    read_trial_statuses,
-    write_trial_status,
-)
+from mnistlab.trial_status import TRIAL_STATUS_FILE, read_trial_status, read_trial_statuses, write_trial_status
 
 log = logging.getLogger("mnistlab.sweep")
 

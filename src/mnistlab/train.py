@@ -14,25 +14,14 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from mnistlab.config import (
-    ConfigError,
-    effective_test_ckpt,
-    override_problems,
-    validate,
-    validate_inputs,
-    with_run_overrides,
+    ConfigError, effective_test_ckpt, override_problems, validate, validate_inputs, with_run_overrides,
 )
 from mnistlab.data.mnist_files import MnistDataError
 from mnistlab.exits import install_sigterm_handler, interrupt_exit_code
 from mnistlab.instantiators import build_trainer
 from mnistlab.launch_context import installed_fit
 from mnistlab.metrics import OBJECTIVE, TEST_KEYS
-from mnistlab.outputs import (
-    CURVES_FILE,
-    METRICS_FILE,
-    output_dirs,
-    write_curves_csv,
-    write_summary,
-)
+from mnistlab.outputs import CURVES_FILE, METRICS_FILE, output_dirs, write_curves_csv, write_summary
 from mnistlab.paths import CONF_DIR, resolve, root_of
 from mnistlab.requeue import remember_run, resume_checkpoint
 from mnistlab.threads import configure_threads, parallel_jobs

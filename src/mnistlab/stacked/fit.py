@@ -17,13 +17,7 @@ from mnistlab.config import MLP_TARGET
 from mnistlab.metrics import OBJECTIVE
 from mnistlab.paths import resolve
 from mnistlab.requeue import lightning_plugins
-from mnistlab.stacked.nets import (
-    StackedBatches,
-    StackedMLP,
-    StackedOptimizer,
-    member_losses,
-    optimizer_rule,
-)
+from mnistlab.stacked.nets import StackedBatches, StackedMLP, StackedOptimizer, member_losses, optimizer_rule
 from mnistlab.threads import configure_threads
 
 log = logging.getLogger("mnistlab.stacked")
