@@ -80,7 +80,8 @@ def test_cli_run_records_its_process_repo_and_what_trained(project_copy, process
     assert "optimizer.lr=0.03" in tags["mnistlab.command"]
 
     cfg = compose(overrides)
-    assert run.data.params == {k: str(v) for k, v in curated_params(cfg).items()}
+    # the config's curated params, and the precision the trainer used (read from it, not from the config)
+    assert run.data.params == {**{k: str(v) for k, v in curated_params(cfg).items()}, "precision": "32-true"}
     p = run.data.params
     assert (p["optimizer"], p["lr"], p["momentum"], p["batch_size"], p["seed"], p["max_epochs"]) == (
         "momentum", "0.03", "0.9", "64", "7", "2")
