@@ -234,17 +234,19 @@ def _limit_file_size(limit: int):
 
 # A crash at the worst moment, made exact: the preprocess process SIGKILLs itself right after its first file
 # is on disk, so no cleanup of any kind can run.
-_DIE_AFTER_FIRST_FILE = """
+_SIGNAL_AFTER_FIRST_FILE = """
 import os, signal, sys
 import numpy as np
-from mnistlab.data.preprocess import preprocess
+from mnistlab.data import preprocess
 
 save = np.save
-def save_then_die(*args, **kwargs):
+def save_then_signal(*args, **kwargs):
     save(*args, **kwargs)
-    os.kill(os.getpid(), signal.SIGKILL)
-np.save = save_then_die
-preprocess(sys.argv[1], sys.argv[2], val_size=100, split_seed=1, verify_checksums=False)
+    os.kill(os.getpid(), signal.{signal})
+np.save = save_then_signal
+"""
+_DIE_AFTER_FIRST_FILE = _SIGNAL_AFTER_FIRST_FILE.format(signal="SIGKILL") + """
+preprocess.preprocess(sys.argv[1], sys.argv[2], val_size=100, split_seed=1, verify_checksums=False)
 """
 
 
@@ -358,16 +360,7 @@ def test_cli_success_with_verification_off(tmp_path, fake_arrays):
 
 
 # Ctrl-C at a fixed moment: the preprocess CLI sends itself a real SIGINT right after its first file is on disk.
-_SIGINT_AFTER_FIRST_FILE = """
-import os, signal, sys
-import numpy as np
-from mnistlab.data import preprocess
-
-save = np.save
-def save_then_interrupt(*args, **kwargs):
-    save(*args, **kwargs)
-    os.kill(os.getpid(), signal.SIGINT)
-np.save = save_then_interrupt
+_SIGINT_AFTER_FIRST_FILE = _SIGNAL_AFTER_FIRST_FILE.format(signal="SIGINT") + """
 sys.argv = ["mnistlab-preprocess", *sys.argv[1:]]
 preprocess.main()
 """
