@@ -62,7 +62,7 @@ server: setup
 	  --artifacts-destination "$(abspath $(ARTIFACTS_DIR))" --host $(SERVER_HOST) --port $(SERVER_PORT) \
 	  --workers $(SERVER_WORKERS)
 
-# The optimizer study through DVC (study/dvc.yaml): 108 trials on 2 joblib workers, report in reports/; the README
+# The optimizer study through DVC (study/dvc.yaml): 108 trials, stacked (launcher=stacked), report in reports/; the README
 # quotes the generated findings (reports/study.md).
 sweep: setup mirror
 	$(BIN)/python -m mnistlab.params

@@ -118,6 +118,42 @@ def test_a_killed_trial_process_is_failed_and_the_sweep_goes_on(tmp_path, proces
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_stack_stopped_in_its_fit_records_each_trial_killed(tmp_path, processed_dir, signum, code):
+    """Ctrl-C (SIGINT to the terminal's process group) or SIGTERM of a launcher=stacked sweep while a stack fits: the
+    stack's trials had no run yet and vanished (issue 23). Now each has a KILLED run (params, config) and a KILLED
+    status file, and the sweep exits with the shell's status."""
+    args = [a for a in _sweep_args(tmp_path, processed_dir) if not a.startswith("trainer.max_epochs=")]
+    sweep = tmp_path / "multirun"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mnistlab.train", *args, "launcher=stacked", "optimizer=sgd", "optimizer.lr=0.01,0.02",
+         "trainer.max_epochs=3000", f"hydra.sweep.dir={sweep}"],
+        cwd=PROJECT_ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)  # its own process group, as a terminal's foreground job
+    seen = []
+    for line in proc.stdout:  # the stack worker logs its start (Hydra's log: stdout); then let it fit a moment
+        seen.append(line)
+        if "stacked fit of trials [0, 1]: started" in line:
+            break
+    assert proc.poll() is None, "".join(seen)[-3000:]
+    time.sleep(3)
+    if signum == signal.SIGINT:
+        os.killpg(proc.pid, signum)  # what Ctrl-C does: every process of the foreground group
+    else:
+        proc.send_signal(signum)  # scancel / kill: the sweep's process only
+    err = proc.stdout.read()
+    assert proc.wait(timeout=120) == code, err[-3000:]
+    runs = _runs(tmp_path / "mlruns")
+    trials = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert sorted(float(r.data.params["lr"]) for r in trials) == [0.01, 0.02], [(r.info.status, r.data.tags.get("mnistlab.error"), r.data.tags.get("mnistlab.pid")) for r in trials]
+    assert all(r.info.status == "KILLED" and "in its stack's fit" in r.data.tags["mnistlab.error"] for r in trials)
+    client = MlflowClient(default_tracking_uri(tmp_path / "mlruns"))
+    assert all("config.yaml" in {a.path for a in client.list_artifacts(r.info.run_id)} for r in trials)
+    assert not [r for r in runs if r.info.status == "RUNNING"], "the parent ends KILLED too"
+    statuses = [json.loads(f.read_text())["status"] for f in sweep.glob("*/.mnistlab_trial.json")]
+    assert statuses == ["KILLED", "KILLED"]
+
+
 def test_a_killed_stack_process_fails_its_trials_and_the_sweep_goes_on(tmp_path, processed_dir):
     """`kill -9` of a launcher=stacked process in its stack's fit: its trials had no MLflow run yet (a member's run
     opens after the fit) and vanished from MLflow. Now they are DIED in the sweep and FAILED in MLflow with the reason,

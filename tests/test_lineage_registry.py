@@ -25,7 +25,7 @@ def small_sweep(tmp_path_factory, processed_dir):
         "trainer.max_epochs=2", "trainer.log_every_n_steps=4", "logger.plots=false", "logger.log_checkpoint=false",
         f"paths.root={tmp}", f"paths.mlruns_dir={tmp / 'mlruns'}", f"paths.sweep_reports_dir={tmp / 'reports'}",
         f"hydra.sweep.dir={tmp / 'multirun'}", "trainer.enable_progress_bar=false", "callbacks.rich_progress_bar=null",
-        "num_threads=1",
+        "num_threads=1", "logger.register_champion=true", "logger.log_model=false",  # as the study: model of the chosen
     ]
     proc = subprocess.run(args, cwd=PROJECT_ROOT, env=cli_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -48,10 +48,19 @@ def test_sweep_registers_its_selected_model_as_champion_and_it_scores_its_test_a
     assert version.tags["mnistlab.sweep_run_id"] == parent.info.run_id
     assert "registered mnist-mlp version 1 (alias champion)" in log
 
+    # log_model=false: only the chosen trial got a model, at registration, from the checkpoint its test scored
+    exp_id = parent.info.experiment_id
+    logged = client.search_logged_models(experiment_ids=[exp_id])
+    assert [m.source_run_id for m in logged] == [best_id]
+    assert f"logged the model of run {best_id} from " in log
+
     with fluent_uri(default_tracking_uri(tmp / "mlruns")):
         model = mlflow.pytorch.load_model("models:/mnist-mlp@champion")
+        info = mlflow.models.get_model_info("models:/mnist-mlp@champion")
+    assert "scaled to [0, 1]" in info.metadata["input"]
     x = torch.from_numpy(np.load(processed_dir / "x_test.npy").reshape(-1, 784)).float() / 255.0
     y = torch.from_numpy(np.load(processed_dir / "y_test.npy")).long()
+    model = model.to("cpu").train().eval()  # the standard idiom works on the loaded module
     with torch.no_grad():
         acc = (model(x).argmax(1) == y).float().mean().item()
     assert acc == pytest.approx(client.get_run(best_id).data.metrics["test/acc"], abs=1e-6)

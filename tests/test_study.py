@@ -96,6 +96,7 @@ def test_killed_sweep_rerun_trains_only_missing_trials_and_a_new_seed_only_its_t
     assert proc.poll() is None, "the sweep ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    time.sleep(3)  # the trials die with the sweep (SIGTERM: KILLED); one that was closing its run has finished
     first = _sweeps(client)[0].info.run_id
     done_first = {c.data.tags["mnistlab.config_hash"] for c in _children(client, first) if c.info.status == "FINISHED"}
     assert 3 <= len(done_first) < 8

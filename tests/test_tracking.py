@@ -56,6 +56,8 @@ def test_one_finished_run_with_params_metrics_and_tags(finished_run, processed_d
     assert m["test/acc"] == float(str(np.float32(m["test/acc"]))), "no float32 noise in logged values"
     val_acc = client.get_metric_history(run.info.run_id, "val/acc")
     assert [h.step for h in val_acc] == [1, 2], "epoch metrics are charted against the epoch"
+    best = client.get_metric_history(run.info.run_id, "val/acc_best")
+    assert [h.step for h in best] == [1, 2], "val/acc_best once per epoch, no stray point at the global step"
     table = json.loads(open(client.download_artifacts(run.info.run_id, "test_acc_per_class.json", str(tmp))).read())
     rows = dict(zip(table["columns"], zip(*table["data"])))
     assert list(rows["digit"]) == list(range(10)) and sum(rows["count"]) == 200  # the fixture's test split

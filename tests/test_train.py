@@ -143,3 +143,13 @@ def test_every_torch_thread_of_a_run_flushes_denormals_as_configured(tmp_path, p
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert int(out.stdout.strip().splitlines()[-1]) == (0 if flush else 1 << 22)
+
+
+def test_fast_dev_run_is_a_smoke_test_that_records_no_result(tmp_path, processed_dir):
+    """Lightning drops the logger under fast_dev_run; the run used to record val/acc_best, plots and a one-batch
+    test/acc in metrics.json as if it were a result (issue 24)."""
+    proc = run_train(tmp_path, *fast_overrides(tmp_path, processed_dir), "+trainer.fast_dev_run=true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "fast_dev_run: the loops ran on 1 batch(es)" in proc.stderr + proc.stdout
+    assert not (tmp_path / "out" / "metrics.json").exists() and not (tmp_path / "out" / "curves.csv").exists()
+    assert store_runs(tmp_path / "mlruns")[1] == []

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from mnistlab.checkpoints import integrity_problem, is_file_path
 from mnistlab.paths import resolve, workspace_root
 from mnistlab.tracking.store import DB_NAME
 
@@ -15,8 +16,6 @@ MLP_TARGET = "mnistlab.nets.MLP"  # the book's net (conf/model/mlp.yaml); checkp
 MNIST_TRAIN_SIZE = 60000
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 MAX_SEED = 2**32 - 1  # numpy's (and Lightning's seed_everything) accepted range
-# ckpt_path values Lightning resolves itself rather than as a file
-CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
 
 
 class ConfigError(ValueError):
@@ -166,7 +165,7 @@ def input_problems(cfg: DictConfig, root) -> list[str]:
 
     out = []
     ckpt = cfg.get("ckpt_path")
-    if ckpt and str(ckpt) not in CKPT_KEYWORDS and "://" not in str(ckpt):
+    if is_file_path(ckpt):
         out += _checkpoint_problems(resolve(ckpt, root))
     if cfg.logger.enabled:
         out += _store_problems(cfg, root)
@@ -195,6 +194,10 @@ def _checkpoint_problems(path) -> list[str]:
                 f"(e.g. logs/runs/<run>/checkpoints/last.ckpt) or `ckpt_path=last`"]
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is not a checkpoint
         return [f"ckpt_path={str(path)!r}: not a PyTorch/Lightning checkpoint (not a torch.save archive)"]
+    damage = integrity_problem(path)
+    if damage:
+        return [f"ckpt_path={str(path)!r}: {damage}; resume from another checkpoint of the run (last.ckpt or "
+                f"best.ckpt) or start fresh without ckpt_path"]
     try:
         import torch
 

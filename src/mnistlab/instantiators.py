@@ -41,6 +41,8 @@ def build_trainer(cfg: DictConfig, run, history, dirs: OutputDirs, hc):
     # one place for "no progress bars in a sweep": its trials share a console (or have none), and the sweep
     # prints trials done / total instead (tracking/progress.py)
     bar = bool(cfg.trainer.enable_progress_bar) and not (hc is not None and str(hc.mode) == "RunMode.MULTIRUN")
+    from mnistlab.checkpoint_io import AtomicCheckpointIO
+
     validation = cfg.data.validation
     callbacks = [history] + build_callbacks(cfg.callbacks, dirs.checkpoints, bar, validation)
     logger = False
@@ -49,5 +51,5 @@ def build_trainer(cfg: DictConfig, run, history, dirs: OutputDirs, hc):
         logger = run.logger()
     return hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(dirs.out), enable_progress_bar=bar,
-        plugins=lightning_plugins(), **({} if validation else NO_VALIDATION),
+        plugins=[AtomicCheckpointIO(), *(lightning_plugins() or [])], **({} if validation else NO_VALIDATION),
     )

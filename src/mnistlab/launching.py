@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import select
 import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 from mnistlab.exits import install_sigterm_handler
 from mnistlab.threads import PARALLEL_ENV, available_cores
-from mnistlab.trial_status import mark_died
+from mnistlab.trial_status import mark_died, read_trial_status, write_trial_status
 
 log = logging.getLogger("mnistlab.launching")
 
@@ -28,22 +29,27 @@ GIB = 1024**3
 _PRELOAD = ["mnistlab.train", "torch", "lightning.pytorch", "mlflow", "hydra_plugins.mnistlab_launchers.launchers"]
 
 
-def trial_capacity(requested: int, mem_per_trial_gb: float) -> int:
-    """How many trials to run at once: `requested`, capped by the cores and by available memory / per-trial peak."""
+def trial_capacity(requested: int, mem_per_trial_gb: float, threads: int | None = None) -> int:
+    """How many trials to run at once: `requested`, capped by the cores (by cores // `threads` when the user fixed
+    each trial's torch threads, so processes x threads never exceed the cores) and by available memory / per-trial
+    peak; the log line says which cap holds."""
     import psutil
 
     cores = available_cores()
+    by_cores = max(1, cores // threads) if threads else cores
     available = psutil.virtual_memory().available
     by_memory = max(1, int(available // (mem_per_trial_gb * GIB)))
-    n = max(1, min(requested, cores, by_memory))
+    n = max(1, min(requested, by_cores, by_memory))
+    each = f"{threads} torch threads each (num_threads)" if threads else f"{max(1, cores // n)} torch threads each"
     if n < requested:
         log.warning(
-            "running %d trials at a time, not %d: %d cores, %.1f GB available / %.1f GB per trial = %d "
+            "running %d trials at a time, not %d, %s: %d cores%s, %.1f GB available / %.1f GB per trial = %d "
             "(set hydra.launcher.mem_per_trial_gb to change the per-trial estimate)",
-            n, requested, cores, available / GIB, mem_per_trial_gb, by_memory,
+            n, requested, each, cores, f" / {threads} threads = {by_cores}" if threads else "", available / GIB,
+            mem_per_trial_gb, by_memory,
         )
     else:
-        log.info("running up to %d trials at a time (%d cores, %.1f GB available)", n, cores, available / GIB)
+        log.info("running up to %d trials at a time, %s (%d cores, %.1f GB available)", n, each, cores, available / GIB)
     return n
 
 
@@ -62,6 +68,8 @@ def record_dead_trial(config, trial_dir: Path, pid: int | None, reason: str) -> 
     run is FAILED; a trial that died before it started (no pid: a stacked member killed in its stack's fit) gets a
     FAILED run with the reason (tracking.trial.record_unstarted_trial)."""
 
+    if read_trial_status(trial_dir).get("status", "RUNNING") != "RUNNING":
+        return  # it wrote its own verdict and closed its run before its process ended (a stopped stack's members)
     pid = mark_died(trial_dir, reason, pid)
     log.error("%s: %s", trial_dir, reason)
     if not config.logger.enabled:
@@ -88,14 +96,53 @@ def record_dead_trial(config, trial_dir: Path, pid: int | None, reason: str) -> 
         log.warning("could not mark the dead trial's MLflow run FAILED: %s", e)
 
 
+def record_stopped_trials(cfgs, code: int) -> None:
+    """A stack stopped by Ctrl-C or SIGTERM in its fit: each member's status file and MLflow run say KILLED (its
+    run had not opened: a member's run opens after the stack's fit). Signals wait until they are recorded."""
+    why = "SIGTERM (scancel, preemption or a time limit)" if code == 143 else "Ctrl-C"
+    reason = f"stopped by {why} in its stack's fit"
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for cfg in cfgs:
+            write_trial_status(Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir), "KILLED", reason)
+            if cfg.logger.enabled:
+                try:
+                    from mnistlab.tracking.trial import record_unstarted_trial
+
+                    record_unstarted_trial(cfg, reason, stopped=True)
+                except Exception as e:  # the status file still carries the verdict
+                    log.warning("could not record the stopped trial's KILLED MLflow run: %s", e)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _stop_with_launcher(conn, done: threading.Event) -> None:
+    """SIGTERM this trial process when the launcher's end of `conn` closes before the result was sent (the sweep was
+    killed, e.g. kill -9): the trial ends KILLED instead of training on into a sweep that is gone. The process's
+    parent is the forkserver, which outlives the sweep while trials run, so the pipe is what tells."""
+
+    def watch() -> None:
+        poller = select.poll()
+        poller.register(conn.fileno(), select.POLLERR | select.POLLHUP)
+        poller.poll()  # a pipe's write end reports POLLERR once its read end is closed
+        if not done.is_set():
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True, name="launcher-watch").start()
+
+
 def _child(payload: bytes, conn, parallel: int) -> None:
     """In the trial process: run the Hydra job, send back its JobReturn."""
     import cloudpickle
 
     os.environ[PARALLEL_ENV] = str(parallel)
     install_sigterm_handler()
+    done = threading.Event()
+    _stop_with_launcher(conn, done)
     job, args = cloudpickle.loads(payload)
     ret = job(*args)
+    done.set()
     conn.send_bytes(cloudpickle.dumps(ret))
     conn.close()
 

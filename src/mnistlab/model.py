@@ -63,6 +63,14 @@ def build_net(model: dict[str, Any]) -> nn.Module:
     return hydra.utils.instantiate(model, _convert_="all")
 
 
+def plain_net(model: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> nn.Module:
+    """A float32 eval-mode net of `model` holding a MnistMLP's weights (`net.*` of its state_dict): what the
+    registry serves, also from a compiled net or a checkpoint."""
+    net = build_net(model)
+    net.load_state_dict({k[len("net."):]: v for k, v in state_dict.items() if k.startswith("net.")})
+    return net.float().eval()
+
+
 class MnistMLP(pl.LightningModule):
     """Any net of conf/model/ (the book's MLP by default) trained as a classifier; the softmax lives in the loss."""
 

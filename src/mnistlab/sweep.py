@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
@@ -82,12 +83,13 @@ class MlflowSweepCallback(Callback):
             if self.client.get_run(self.parent_id).info.status == "RUNNING":
                 end_run(self.client, self.parent_id, "KILLED")
 
-    def _register(self, run_id: str) -> None:
+    def _register(self, run_id: str, config: DictConfig) -> None:
         """The selected trial's model becomes mnist-mlp@champion; a registry error is reported, not fatal."""
         from mnistlab.tracking.registry import register_champion
 
         try:
-            register_champion(self.client, run_id, self.parent_id)
+            x_test = np.load(resolve(config.data.processed_dir, root_of(config.paths.root)) / "x_test.npy", mmap_mode="r")
+            register_champion(self.client, run_id, self.parent_id, (x_test[:5].reshape(5, -1) / 255.0).astype(np.float32))
         except Exception as e:  # the sweep's results stand without the registry entry
             log.error("could not register the best model of run %s: %s", run_id, e)
 
@@ -148,8 +150,9 @@ class MlflowSweepCallback(Callback):
                 best.get("val_mean", float("nan")), best.get("test_mean", float("nan")),
                 ", ".join(str(d) for d in out_dirs),
             )
-            if summary.get("best_run_id"):  # the chosen config's best seed, selected on validation
-                self._register(summary["best_run_id"])
+            # only a study moves the champion (logger.register_champion, set by sweep=optimizers), not an ad-hoc sweep
+            if summary.get("best_run_id") and config.logger.get("register_champion"):
+                self._register(summary["best_run_id"], config)  # the chosen config's best seed, on validation
         finally:
             end_run(self.client, self.parent_id, status)
             os.environ.pop(PARENT_ENV, None)
@@ -172,7 +175,8 @@ def _in_sweep(config: DictConfig) -> bool:
 def study_main(argv: list[str] | None = None) -> None:
     """`mnistlab-study --seeds 3 --lrs 0.001 0.01 ... [hydra overrides]`: the study stage's command. DVC renders params.yaml's
     `study` block as --key value arguments (its templating cannot put a YAML list into a Hydra override);
-    this turns them back into overrides and runs `mnistlab-train sweep=optimizers`, reporting into reports/."""
+    this turns them back into overrides and runs `mnistlab-train sweep=optimizers` (launcher=stacked unless one is
+    given), reporting into reports/."""
     from omegaconf import OmegaConf
 
     defaults = OmegaConf.load(CONF_DIR / "config.yaml").study
@@ -192,7 +196,7 @@ def study_main(argv: list[str] | None = None) -> None:
             values[key].append(tok)
     overrides = [f"study.{k}=[{','.join(v)}]" if OmegaConf.is_list(defaults[k]) else f"study.{k}={v[0]}"
                  for k, v in values.items()]
-    sys.argv = ["mnistlab-train", "sweep=optimizers", "launcher=joblib", "paths.sweep_reports_dir=reports", *overrides, *extra]
+    sys.argv = ["mnistlab-train", "sweep=optimizers", "paths.sweep_reports_dir=reports", *overrides, *extra]
     from mnistlab.train import main
 
     main()

@@ -13,6 +13,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from mnistlab.checkpoints import is_file_path, resume_problem
 from mnistlab.config import (
     ConfigError, effective_test_ckpt, override_problems, validate, validate_inputs, with_run_overrides,
 )
@@ -76,13 +77,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
         optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
     )
     model.automatic_optimization = use_automatic_optimization(cfg.trainer)
+    if is_file_path(cfg.get("ckpt_path")):  # before the run opens: the weights must fit the configured net
+        misfit = resume_problem(resolve(cfg.ckpt_path, root), model.net.state_dict())
+        if misfit:
+            raise ConfigError(misfit)
     if cfg.get("compile"):
         model.net.compile(mode=cfg.compile)  # in place: the state_dict keys (checkpoints, stacked adoption) stay
 
     # Under DDP, Lightning re-launches this script once per extra GPU (RANK/LOCAL_RANK set): one run, on rank 0.
     rank_zero = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
-    tracked = open_trial_run(cfg, root, meta, hc, dirs.out) if cfg.logger.enabled and rank_zero else nullcontext(None)
-    if cfg.reuse_finished and cfg.logger.enabled and rank_zero:
+    # Lightning's smoke test (a batch of each loop, no logger, no checkpoints): no run and no result files
+    smoke = bool(cfg.trainer.get("fast_dev_run"))
+    track = cfg.logger.enabled and rank_zero and not smoke
+    tracked = open_trial_run(cfg, root, meta, hc, dirs.out) if track else nullcontext(None)
+    if cfg.reuse_finished and track:
         reused = reuse_finished(tracked, dirs.out)
         if reused is not None:
             return reused
@@ -100,6 +108,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
             metrics, rows = fit(cfg, trainer, model, dm, history, dirs.checkpoints)
             if run is not None:
                 log_results(run, cfg, trainer, model, dm, rows, metrics)
+            if smoke:
+                log.info("fast_dev_run: the loops ran on %s batch(es); a smoke test, so no MLflow run, metrics.json or "
+                         "curves.csv was written", int(cfg.trainer.fast_dev_run))
+                return metrics
             if trainer.is_global_zero:  # DDP's other ranks share the output dir
                 write_curves_csv(dirs.reports / CURVES_FILE, rows)
                 write_summary(dirs.reports, metrics)

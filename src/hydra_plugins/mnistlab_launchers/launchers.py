@@ -19,6 +19,7 @@ from hydra.plugins.launcher import Launcher
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher
 from omegaconf import OmegaConf, open_dict
 
+from mnistlab.exits import interrupt_exit_code
 from mnistlab.launch_context import fitted_elsewhere
 from mnistlab.paths import root_of
 from mnistlab.threads import PARALLEL_ENV, available_cores
@@ -67,6 +68,12 @@ def _is_trial_app(config) -> bool:
     return all(key in config for key in ("model", "optimizer", "trainer"))
 
 
+def _fixed_threads(config) -> int | None:
+    """The torch threads the user fixed per trial (num_threads), if any: the launchers run fewer trials at once."""
+    threads = OmegaConf.select(config, "num_threads", default=None)
+    return threads if isinstance(threads, int) and threads > 0 else None
+
+
 def _dead_trial(launcher, overrides: Sequence[str], num: int, pid: int | None, reason: str) -> JobReturn:
     """Record a trial whose process died; COMPLETED with no value (what a failed trial returns), because Hydra's
     sweeper re-raises a FAILED JobReturn and that would end the sweep."""
@@ -112,7 +119,7 @@ class ContainedJoblibLauncher(Launcher):
         _announce(self, job_overrides, initial_job_idx)
         n_jobs = self.n_jobs or -1
         requested = min(len(job_overrides), available_cores() if n_jobs < 0 else n_jobs)
-        n = trial_capacity(requested, self.mem_per_trial_gb)
+        n = trial_capacity(requested, self.mem_per_trial_gb, _fixed_threads(self.config))
         os.environ[PARALLEL_ENV] = str(n)
         state = Singleton.get_state()
         jobs = [(initial_job_idx + i, list(o), self.hydra_context, self.config, self.task_function, state)
@@ -135,7 +142,8 @@ class CappedLocalLauncher(LocalLauncher):
         from mnistlab.launching import death_reason, trial_capacity
 
         _announce(self, job_overrides, initial_job_idx)
-        n = trial_capacity(min(len(job_overrides), self.max_parallel or len(job_overrides)), self.mem_per_trial_gb)
+        n = trial_capacity(min(len(job_overrides), self.max_parallel or len(job_overrides)), self.mem_per_trial_gb,
+                           _fixed_threads(self.config))
         os.environ[PARALLEL_ENV] = str(n)  # submitit's processes inherit it: configure_threads gives each cores // n threads
         executor = submitit_executor(self)
         pending = list(enumerate(job_overrides))
@@ -161,6 +169,7 @@ def _stack_worker(cfgs, jobs, files: list[Path], root: Path, parallel: int, hydr
     """In a stack process: train the stack (mnistlab.stacked.fit), then run each member's Hydra job as joblib's
     workers do (execute_job: run_job with the normal task function), which adopts the member's results from its file;
     if the stack's fit raised (e.g. out of memory), each member trains on its own instead, said in the log."""
+    from mnistlab.launching import record_stopped_trials
     from mnistlab.stacked.adopt import AdoptedFit
     from mnistlab.stacked.fit import train_group
 
@@ -168,6 +177,7 @@ def _stack_worker(cfgs, jobs, files: list[Path], root: Path, parallel: int, hydr
     configure_log(config.hydra.hydra_logging, config.hydra.verbose)  # a fresh process: the parent's log format
     nums = [num for num, _ in jobs]
     try:
+        log.info("stacked fit of trials %s: started", nums)
         seconds = train_group(cfgs, files, root, parallel)
         log.info("stacked fit of trials %s: %.1fs", nums, seconds)
         stacked = True
@@ -175,6 +185,11 @@ def _stack_worker(cfgs, jobs, files: list[Path], root: Path, parallel: int, hydr
         log.error("stacked fit of trials %s failed (%s: %s); training them one at a time", nums, type(e).__name__,
                   str(e)[-2000:])
         stacked = False
+    except BaseException as e:  # Ctrl-C or SIGTERM in the fit: the members end KILLED, not unrecorded
+        code = interrupt_exit_code(e)
+        if code is not None:
+            record_stopped_trials(cfgs, code)
+        raise
     out = []
     for (num, overrides), file in zip(jobs, files):
         try:
@@ -220,7 +235,8 @@ class StackedLauncher(Launcher):
         jobs = [(initial_job_idx + i, list(o)) for i, o in enumerate(job_overrides)]
         cfgs = [self._compose(o, num) for num, o in jobs]
         root = root_of(OmegaConf.select(cfgs[0], "paths.root", default=None))  # None: not an mnistlab app
-        workers = trial_capacity(available_cores() if self.n_jobs < 0 else self.n_jobs, self.mem_per_trial_gb)
+        workers = trial_capacity(available_cores() if self.n_jobs < 0 else self.n_jobs, self.mem_per_trial_gb,
+                                 _fixed_threads(self.config))
         groups, alone = plan(cfgs, self.max_members, self.mem_per_member_mb, root, workers)
         units = groups + [[i] for i in sorted(alone)]
         workers = min(workers, len(units))

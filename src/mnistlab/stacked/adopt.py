@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from mnistlab.checkpoint_io import AtomicCheckpointIO
 from mnistlab.compat import set_fit_progress
 from mnistlab.config import effective_test_ckpt
 from mnistlab.metrics import CURVE_KEYS, OBJECTIVE, STEP_LOSS, TEST_KEYS
@@ -48,10 +49,10 @@ def _save_checkpoint(path: Path, model, r: dict) -> None:
     trainer.test(ckpt_path=...) read); a stacked trial cannot be resumed from it (no optimizer or loop state)."""
     import lightning.pytorch as pl
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
-                "pytorch-lightning_version": pl.__version__, "epoch": r["current_epoch"] - 1,
-                "global_step": r["global_step"], "mnistlab_stacked": True}, path)
+    AtomicCheckpointIO().save_checkpoint(
+        {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+         "pytorch-lightning_version": pl.__version__, "epoch": r["current_epoch"] - 1,
+         "global_step": r["global_step"], "mnistlab_stacked": True}, path)
 
 
 def adopt(path: Path, cfg: DictConfig, trainer, model, dm, ckpt_dir: Path) -> tuple[dict[str, float], list[dict]]:

@@ -54,8 +54,9 @@ def semantic_config(cfg: DictConfig) -> dict:
     return data
 
 
-def config_hash(cfg: DictConfig, data_checksum: str) -> str:
-    """Stable 16-hex-digit hash of the semantic config, data checksum, torch version and numeric code."""
+def config_hash(cfg: DictConfig, data_checksum: str, resumed_from: str | None = None) -> str:
+    """Stable 16-hex-digit hash of the semantic config, data checksum, torch version and numeric code; a run
+    resumed from a checkpoint (`resumed_from`: its file's sha256) is another trial than a fresh one."""
     import torch
 
     payload = {
@@ -63,8 +64,18 @@ def config_hash(cfg: DictConfig, data_checksum: str) -> str:
         "data_checksum": data_checksum,
         "torch": torch.__version__,
         "code": _code_digest(),
+        **({"resumed_from": resumed_from} if resumed_from else {}),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file read in blocks (a checkpoint a run resumes from)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def find_finished(client, experiment_id: str, chash: str):

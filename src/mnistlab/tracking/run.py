@@ -259,22 +259,42 @@ class TrackedRun:
     def log_artifact(self, local_path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(local_path), artifact_path)
 
-    def log_model(self, model, input_example, pip_requirements: list[str]) -> None:
-        """mlflow.pytorch.log_model with signature and input example, linked to this run."""
-        import mlflow
-        import torch
-        from mlflow.models import infer_signature
+    def log_model(self, model, input_example) -> None:
+        log_torch_model(self.tracking_uri, self.run_id, model, input_example)
 
-        with torch.no_grad():
-            output = model(torch.from_numpy(input_example)).numpy()
-        signature = infer_signature(input_example, output)
-        # start_run(run_id) resumes our run for the fluent API; its end would set FINISHED early, so the
-        # status set in __exit__ (which runs after this) is the one that stays.
-        with fluent_uri(self.tracking_uri), mlflow.start_run(run_id=self.run_id):
+INPUT_NOTE = "float32 [N, 784]: the 28x28 pixels row by row, scaled to [0, 1] (uint8 / 255); output: 10 logits"
+
+
+def log_torch_model(tracking_uri: str, run_id: str, model, input_example) -> None:
+    """The model as TorchScript under the run's `model`: loaded back by mlflow.pytorch.load_model it is a module
+    (.eval(), .train(), .to() work, unlike the pt2 graph MLflow writes by default) and loading runs no pickled
+    Python. The signature cannot say the input's range, so the metadata does."""
+    import logging
+    import warnings
+
+    import mlflow
+    import torch
+    from mlflow.models import infer_signature
+
+    with torch.no_grad():
+        output = model(torch.from_numpy(input_example)).numpy()
+    signature = infer_signature(input_example, output)
+    flavor_log = logging.getLogger("mlflow.pytorch")
+    level = flavor_log.level
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated", category=FutureWarning)
+        scripted = torch.jit.script(model)
+    # start_run(run_id) resumes the run for the fluent API; the run's status stays its owner's to set.
+    # MLflow's "pickle is unsafe" warning is about pickled modules; a TorchScript archive is not one.
+    flavor_log.setLevel(logging.ERROR)
+    try:
+        with fluent_uri(tracking_uri), mlflow.start_run(run_id=run_id):
             mlflow.pytorch.log_model(
-                model, name="model", signature=signature, input_example=input_example,
-                pip_requirements=pip_requirements,
+                scripted, name="model", signature=signature, input_example=input_example,
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"], serialization_format="pickle", metadata={"input": INPUT_NOTE},
             )
+    finally:
+        flavor_log.setLevel(level)
 
 
 PARENT_ENV = "MNISTLAB_PARENT_RUN_ID"

@@ -10,3 +10,4 @@ PROC_START_TAG = "mnistlab.proc_start"
 CONFIG_HASH_TAG = "mnistlab.config_hash"  # what changes a trial's result (tracking/resume.py)
 REUSED_TAG = "mnistlab.reused_from"  # on a sweep child that stands in for an earlier FINISHED run of the same hash
 SWEEP_DIR_TAG = "mnistlab.sweep_dir"  # on a parent run: the absolute sweep dir its trials must share
+CHECKPOINT_TAG = "mnistlab.tested_checkpoint"  # the file holding the weights a run's test scored (registry.py)

@@ -11,17 +11,18 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from mnistlab.checkpoints import is_file_path
 from mnistlab.config import MLP_TARGET, effective_test_ckpt, task_config
 from mnistlab.data.preprocess import read_data_checksum
-from mnistlab.metrics import OBJECTIVE, SUMMARY_KEYS
+from mnistlab.metrics import OBJECTIVE, SUMMARY_KEYS, TEST_KEYS
 from mnistlab.outputs import write_summary
 from mnistlab.paths import resolve, root_of
-from mnistlab.requeue import previous_run_id, restart_count
+from mnistlab.requeue import RUN_ID_FILE, previous_run_id, restart_count
 from mnistlab.run_info import device_name, environment_tags, git_tags, run_name
 from mnistlab.tracking.lineage import dataset_inputs, dvc_import_source
-from mnistlab.tracking.resume import config_hash, copy_results, find_finished
+from mnistlab.tracking.resume import config_hash, copy_results, file_digest, find_finished
 from mnistlab.tracking.store import open_store
-from mnistlab.tracking.tags import CONFIG_HASH_TAG, PARENT_TAG
+from mnistlab.tracking.tags import CHECKPOINT_TAG, CONFIG_HASH_TAG, PARENT_TAG
 
 log = logging.getLogger("mnistlab.train")
 # optimizer config keys that are Hydra's, not the optimizer's; `name` is logged as the `optimizer` param
@@ -61,6 +62,25 @@ def curated_params(cfg: DictConfig) -> dict:
     }
 
 
+RESUMED_TAG, RESUMED_SHA_TAG, RESUMED_RUN_TAG = (
+    "mnistlab.resumed_from", "mnistlab.resumed_from_sha256", "mnistlab.resumed_run_id")
+
+
+def resumed_from(ckpt_path: str | None, root: Path) -> dict[str, str]:
+    """What a `ckpt_path=` run continues: the file, its sha256 (part of the config hash, so a resumed run is never
+    reused as a fresh trial) and, when the checkpoint is in a run dir of ours, the run it continues."""
+    if not ckpt_path:
+        return {}
+    if not is_file_path(ckpt_path):
+        return {RESUMED_TAG: str(ckpt_path), RESUMED_SHA_TAG: str(ckpt_path)}
+    path = resolve(ckpt_path, root)
+    tags = {RESUMED_TAG: str(path), RESUMED_SHA_TAG: file_digest(path)}
+    run_file = path.parent.parent / RUN_ID_FILE  # <run dir>/checkpoints/<file>.ckpt
+    if run_file.is_file():
+        tags[RESUMED_RUN_TAG] = run_file.read_text().strip()
+    return tags
+
+
 def open_trial_run(cfg: DictConfig, root: Path, meta: dict, hc, out_dir: Path | None = None):
     """The trial's TrackedRun (not yet started): provenance tags, its sweep parent, its config hash, a unique
     name; a requeued SLURM trial (a run id remembered in `out_dir`) reopens its own run instead."""
@@ -80,7 +100,9 @@ def open_trial_run(cfg: DictConfig, root: Path, meta: dict, hc, out_dir: Path | 
     if parent:
         tags[PARENT_TAG] = parent
         tags["mnistlab.trial"] = str(hc.job.num) if hc is not None else ""
-    tags[CONFIG_HASH_TAG] = config_hash(cfg, meta["data_checksum"])
+    resumed = resumed_from(cfg.get("ckpt_path"), root)
+    tags.update(resumed)
+    tags[CONFIG_HASH_TAG] = config_hash(cfg, meta["data_checksum"], resumed.get(RESUMED_SHA_TAG))
     reopen = previous_run_id(out_dir) if out_dir is not None else None
     if reopen:  # a requeued SLURM trial continues its own run (cluster.py)
         tags["mnistlab.slurm_restarts"] = str(restart_count())
@@ -131,14 +153,12 @@ def log_results(run, cfg: DictConfig, trainer, model, dm, rows: list[dict], metr
     """After test: the summary metrics the logger has not logged, the per-class table, the plots, the best
     checkpoint and the model, as cfg.logger asks."""
     import matplotlib.pyplot as plt
-    import numpy as np
-    import torch
 
-    from mnistlab.model import build_net
+    from mnistlab.model import plain_net
     from mnistlab.tracking import plots
 
-    # test/* came through the logger during trainer.test
-    run.log_metrics({k: v for k, v in metrics.items() if not k.startswith("test/")}, step=trainer.global_step)
+    # test/* came through the logger during trainer.test, val/acc_best per epoch during fit
+    run.log_metrics({k: v for k, v in metrics.items() if k not in (*TEST_KEYS, OBJECTIVE)}, step=trainer.global_step)
     confusion = model.test_confusion_matrix.numpy()  # computed on every rank in on_test_epoch_end (DDP)
     run.log_table(plots.per_class_table(confusion), "test_acc_per_class.json")
     if cfg.logger.plots:
@@ -158,22 +178,37 @@ def log_results(run, cfg: DictConfig, trainer, model, dm, rows: list[dict], metr
     ckpt_cb = trainer.checkpoint_callback
     if cfg.logger.log_checkpoint and ckpt_cb is not None and ckpt_cb.best_model_path:
         run.log_artifact(Path(ckpt_cb.best_model_path), "checkpoints")
+    tested = tested_checkpoint(cfg, ckpt_cb)
+    if tested:  # the registry logs a model from it later when this run logged none (logger.log_model=false)
+        run.client.set_tag(run.run_id, CHECKPOINT_TAG, str(Path(tested).resolve()))
     if cfg.logger.log_model:
-        net = build_net(model.hparams["model"])  # a plain copy of the weights, also of a compiled net
-        net.load_state_dict(model.net.state_dict())
-        net = net.float().eval()
-        example = dm.split("test")[0][:5].cpu().numpy().astype(np.float32)
-        run.log_model(net, example, [f"torch=={torch.__version__.split('+')[0]}"])
+        net = plain_net(model.hparams["model"], model.state_dict())
+        run.log_model(net, example_input(dm))
+
+
+def tested_checkpoint(cfg: DictConfig, ckpt_cb) -> str | None:
+    """The checkpoint holding the weights the test scored (best or last), when one was written."""
+    if ckpt_cb is None:
+        return None
+    if effective_test_ckpt(cfg) == "best" and ckpt_cb.best_model_path:
+        return ckpt_cb.best_model_path
+    return ckpt_cb.last_model_path or None
+
+
+def example_input(dm):
+    """Five test images as the model takes them: the logged model's input example."""
+    return dm.split("test")[0][:5].cpu().float().numpy()
 
 
 class TrialDied(RuntimeError):
     """A trial's process ended without a verdict of its own (SIGKILL, the out-of-memory killer)."""
 
 
-def record_unstarted_trial(cfg: DictConfig, reason: str) -> None:
+def record_unstarted_trial(cfg: DictConfig, reason: str, stopped: bool = False) -> None:
     """A sweep trial whose process died before the trial opened its run (a launcher=stacked member whose stack
     process died in the stack's fit) still gets its run: FAILED with the reason, its params and config, so MLflow
-    holds every trial of the sweep. `cfg` is the job's composed config (its `hydra` node says sweep dir and job)."""
+    holds every trial of the sweep; KILLED when a signal stopped the stack (`stopped`). `cfg` is the job's composed
+    config (its `hydra` node says sweep dir and job)."""
 
     root = root_of(cfg.paths.root)
     task_cfg = task_config(cfg)
@@ -181,13 +216,15 @@ def record_unstarted_trial(cfg: DictConfig, reason: str) -> None:
         checksum = read_data_checksum(resolve(cfg.data.processed_dir, root))
     except (OSError, ValueError, KeyError):
         checksum = "unknown"
+    error = KeyboardInterrupt(reason) if stopped else TrialDied(reason)
     try:
         with open_trial_run(task_cfg, root, {"data_checksum": checksum}, cfg.hydra) as run:
             run.log_params(curated_params(task_cfg))
             run.log_text(OmegaConf.to_yaml(task_cfg, resolve=True), "config.yaml")
-            raise TrialDied(reason)
-    except TrialDied:
-        pass
+            raise error
+    except (TrialDied, KeyboardInterrupt) as e:
+        if e is not error:
+            raise
 
 
 def record_failed_trial(cfg: DictConfig, error: Exception, hc) -> None:
