@@ -12,7 +12,10 @@ from scipy import stats
 
 from conftest import compose
 from mnistlab.metrics import OBJECTIVE
-from mnistlab.report import _lr_ranges, choose, config_rows, mean_ci, paired_difference
+from mnistlab.report import (
+    _lr_ranges, choose, config_rows, findings_markdown, holm_adjust, mean_ci, min_detectable_difference,
+    paired_difference, summarize,
+)
 from mnistlab.stacked.plan import plan
 from mnistlab.tracking.resume import config_hash
 
@@ -72,6 +75,57 @@ def test_paired_difference_of_a_constant_shift_excludes_zero_and_of_one_seed_say
     assert d["mean"] == pytest.approx(0.002, abs=1e-12)
     one = paired_difference(config_rows(a[:1])[0], config_rows(b[:1])[0])
     assert one["n"] == 1 and math.isnan(one["low"]) and not one["excludes_zero"]
+
+
+def _holm_by_definition(ps: list[float], alpha: float = 0.05) -> list[bool]:
+    """Holm's procedure as stated: sort, reject while p_(i) <= alpha / (m - i), stop at the first that is not."""
+    order, rejected = sorted(range(len(ps)), key=lambda i: ps[i]), [False] * len(ps)
+    for step, i in enumerate(order):
+        if ps[i] > alpha / (len(ps) - step):
+            break
+        rejected[i] = True
+    return rejected
+
+
+def test_holm_adjusted_pairs_match_the_procedure_and_scipy_intervals():
+    diffs = {("a", "b"): [0.004, 0.006, 0.005, 0.007], ("a", "c"): [0.001, -0.002, 0.003, 0.0005],
+             ("b", "c"): [0.0021, 0.0018, 0.0030, 0.0024]}
+    pairs = []
+    for (x, y), d in diffs.items():
+        m, sd, n = statistics_mean(d), stats.tstd(d), len(d)
+        pairs.append({"a": x, "b": y, "mean": m, "sd": sd, "n": n, "p": stats.ttest_1samp(d, 0.0).pvalue})
+    holm_adjust(pairs)
+    ps = [p["p"] for p in pairs]
+    assert [p["resolved"] for p in pairs] == _holm_by_definition(ps)
+    for step, p in enumerate(sorted(pairs, key=lambda p: p["p"])):
+        level = 1 - 0.05 / (3 - step)  # the step's level; scipy's interval of the same differences at that level
+        want = stats.ttest_1samp(diffs[(p["a"], p["b"])], 0.0).confidence_interval(level)
+        assert (p["holm_low"], p["holm_high"]) == (pytest.approx(want.low, abs=1e-12), pytest.approx(want.high, abs=1e-12))
+    assert all(p["p_holm"] >= p["p"] for p in pairs)
+
+
+def test_min_detectable_difference_has_the_stated_power_by_simulation():
+    rng = __import__("numpy").random.default_rng(0)
+    sd, n = 0.003, 10
+    mdd = min_detectable_difference(sd, n)
+    x = rng.normal(mdd, sd, size=(40_000, n))
+    t = x.mean(1) / (x.std(1, ddof=1) / math.sqrt(n))
+    power = (abs(t) > stats.t.ppf(0.975, n - 1)).mean()
+    assert power == pytest.approx(0.8, abs=0.01)
+    assert min_detectable_difference(sd, 3) > mdd and math.isnan(min_detectable_difference(sd, 1))
+
+
+def test_a_config_with_a_seed_at_chance_is_collapsed_shown_by_range_and_never_chosen():
+    trials = [_trial("momentum", 1.0, s, v, t, bs=32) for s, (v, t) in enumerate([(0.1135, 0.1135), (0.97, 0.968),
+                                                                                  (0.1135, 0.1135)])]
+    trials += [_trial("momentum", 0.1, s, 0.96, 0.96 + s / 1000, bs=32) for s in range(3)]
+    configs = {c["lr"]: c for c in config_rows(trials)}
+    bad = configs[1.0]
+    assert bad["collapsed"] == 2 and bad["failed"] == 0
+    assert (bad["test_ci_low"], bad["test_ci_high"]) == (0.1135, 0.968)  # the seeds' range, not a t-interval
+    assert configs[0.1]["collapsed"] == 0 and choose(list(configs.values()))["lr"] == 0.1
+    md = findings_markdown(summarize(trials))
+    assert "- momentum lr=1 bs=32: 2 of 3 collapsed (test acc 11.35-96.80 %)" in md, md
 
 
 def test_choose_prefers_configs_whose_every_seed_finished():

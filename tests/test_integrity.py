@@ -1,9 +1,11 @@
 """Nothing trains on damaged inputs: data/processed is verified against meta.json's hashes where a run uses it, a
 checkpoint is checked (its zip CRCs, its fit to the configured model) before a run resumes from it, checkpoints are
-written whole or not at all, and a resumed run is another trial than a fresh one (issue 23, items 1 and 2)."""
+written whole or not at all, a resumed run is another trial than a fresh one, and a store that fails during a run
+costs no local result (issue 23, items 1 to 3)."""
 
 from __future__ import annotations
 
+import json
 import resource
 import shutil
 import signal
@@ -11,10 +13,12 @@ import subprocess
 import sys
 import textwrap
 import zipfile
+from pathlib import Path
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
-from conftest import PROJECT_ROOT, fast_overrides, run_train, store_runs
+from conftest import BIN, PROJECT_ROOT, cli_env, fast_overrides, run_train, store_runs
 from omegaconf import OmegaConf
 
 from mnistlab.tracking.resume import config_hash
@@ -132,3 +136,87 @@ def test_a_checkpoint_write_that_fails_leaves_the_previous_file_and_no_partial_o
     assert "refused: 27" in proc.stdout, proc.stdout + proc.stderr  # EFBIG
     assert target.read_bytes() == b"previous checkpoint"
     assert [p.name for p in target.parent.iterdir()] == ["best.ckpt"], "no temporary file is left"
+
+
+# --- a store that fails during a run costs no local result (issue 23, item 3) -------------------------------------
+
+class MoveStoreAway(pl.Callback):
+    """At the start of epoch `epoch`, move the SQLite store's file away (as a user or a cleanup script might)."""
+
+    def __init__(self, db: str, epoch: int = 1):
+        self.db, self.epoch = Path(db), epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch and self.db.exists():
+            self.db.rename(self.db.with_name("moved.db"))
+
+
+def test_a_store_that_fails_mid_run_loses_no_local_result(tmp_path, processed_dir):
+    """Issue 23: mlflow.db moved away during a 3-epoch run gave exit 1, 1,250+ lines with 38 tracebacks, the run
+    RUNNING and no checkpoint, metrics.json or curves.csv. Now: training and test finish, every local output is
+    written, one paragraph names the store and the fix, exit 3; clean-stale closes the run once the store is back."""
+    db = tmp_path / "mlruns" / "mlflow.db"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mnistlab.train", *fast_overrides(tmp_path, processed_dir, epochs=3),
+         f"hydra.run.dir={tmp_path / 'hydra'}", "+callbacks.mover._target_=test_integrity.MoveStoreAway",
+         f"+callbacks.mover.db={db}"],
+        cwd=PROJECT_ROOT, env=cli_env(PYTHONPATH=str(PROJECT_ROOT / "tests")), capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and proc.stderr.count("error: the MLflow store") == 1, proc.stderr[-3000:]
+    assert "make clean-stale" in proc.stderr and "metrics.json" in proc.stderr
+    out = tmp_path / "out"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epochs"] == 3 and 0 < metrics["test/acc"] <= 1
+    assert len((out / "curves.csv").read_text().splitlines()) == 1 + 3
+    assert (out / "timing.json").is_file() and (out / "checkpoints" / "best.ckpt").is_file()
+    status = json.loads((tmp_path / "hydra" / ".mnistlab_trial.json").read_text())
+    assert status["status"] == "FINISHED" and status["error"].startswith("not recorded in MLflow")
+
+    db.unlink(missing_ok=True)
+    (db.with_name("moved.db")).rename(db)  # the store is back
+    client, (run,) = store_runs(tmp_path / "mlruns")
+    assert run.info.status == "RUNNING"
+    cleaned = subprocess.run([str(BIN / "mnistlab-runs"), "clean-stale", "--tracking-uri", f"sqlite:///{db}"],
+                             env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert cleaned.returncode == 0, cleaned.stderr
+    assert client.get_run(run.info.run_id).info.status == "KILLED"
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 4 MiB tmpfs (a full disk in miniature); needs root, as CI has."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_store_disk_or_a_store_damaged_inside_is_refused_at_start_up(tmp_path, processed_dir, tiny_disk):
+    full = tiny_disk / "mlruns"
+    full.mkdir()
+    with open(tiny_disk / "filler", "wb") as f:
+        try:
+            f.write(b"\0" * (8 << 20))
+        except OSError:
+            pass
+    proc = run_train(PROJECT_ROOT, *fast_overrides(tmp_path, processed_dir), f"paths.mlruns_dir={full}")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "MiB free, less than a run records" in proc.stderr and "Traceback" not in proc.stderr
+
+    # a store damaged mid-file: its header still reads, quick_check finds the rest
+    from mlflow import MlflowClient
+
+    store = tmp_path / "damaged"
+    store.mkdir()
+    MlflowClient(f"sqlite:///{store / 'mlflow.db'}").create_experiment("mnistlab")
+    data = bytearray((store / "mlflow.db").read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 200_000] = bytes(min(200_000, len(data) - middle))
+    (store / "mlflow.db").write_bytes(data)
+    proc = run_train(PROJECT_ROOT, *fast_overrides(tmp_path, processed_dir), f"paths.mlruns_dir={store}")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"{store / 'mlflow.db'} is corrupt" in proc.stderr and "Traceback" not in proc.stderr

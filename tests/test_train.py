@@ -153,3 +153,38 @@ def test_fast_dev_run_is_a_smoke_test_that_records_no_result(tmp_path, processed
     assert "fast_dev_run: the loops ran on 1 batch(es)" in proc.stderr + proc.stdout
     assert not (tmp_path / "out" / "metrics.json").exists() and not (tmp_path / "out" / "curves.csv").exists()
     assert store_runs(tmp_path / "mlruns")[1] == []
+
+
+class FirstBatchLabels(pl.Callback):
+    """Keeps the labels of each epoch's first training batch."""
+
+    seen: list = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 0:
+            FirstBatchLabels.seen.append(batch[1].tolist())
+
+
+def test_overfit_batches_trains_on_the_same_batches_every_epoch(tmp_path, processed_dir):
+    """+trainer.overfit_batches=2 still shuffled (DeviceBatches has no sampler for Lightning to replace), so it was
+    limit_train_batches under another name (issue 24)."""
+    FirstBatchLabels.seen = []
+    train(compose(fast_overrides(tmp_path, processed_dir, epochs=3) + [
+        "logger=none", "+trainer.overfit_batches=2", f"+callbacks.probe._target_={__name__}.FirstBatchLabels"]))
+    first, *rest = FirstBatchLabels.seen
+    assert len(rest) == 2 and all(r == first for r in rest)
+
+
+def test_chdir_into_a_run_dir_outside_the_project_keeps_the_projects_store(project_copy, tmp_path, processed_dir):
+    """hydra.job.chdir=true with the run dir outside the project: the root was taken from the job's cwd, so the run
+    made its own mlruns/ there (and relative data paths failed). The root is where the command was started."""
+    outside = tmp_path / "elsewhere" / "run"
+    args = [f"data.processed_dir={processed_dir}", "data.val_size=100", "data.batch_size=32",
+            "data.eval_batch_size=100", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
+            "callbacks.rich_progress_bar=null", "logger.plots=false", "logger.log_model=false", "num_threads=1",
+            "hydra.job.chdir=true", f"hydra.run.dir={outside}"]
+    proc = run_train(project_copy, *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, (run,) = store_runs(project_copy / "mlruns")
+    assert run.info.status == "FINISHED"
+    assert not list((tmp_path / "elsewhere").rglob("mlflow.db")), "no store of its own in the run dir"

@@ -209,9 +209,13 @@ def _checkpoint_problems(path) -> list[str]:
     return []
 
 
+STORE_MIN_FREE = 32 * 2**20  # what one run writes into the store, with room to spare
+
+
 def _store_problems(cfg: DictConfig, root) -> list[str]:
     """The project's SQLite store: its folder creatable and writable, its database a readable SQLite file."""
     import os
+    import shutil
     import sqlite3
 
     if cfg.logger.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI"):
@@ -225,11 +229,18 @@ def _store_problems(cfg: DictConfig, root) -> list[str]:
     except OSError as e:
         return [f"paths.mlruns_dir={str(mlruns)!r}: the MLflow store's folder is not usable ({e.strerror or e}); "
                 f"point paths.mlruns_dir at a writable folder, or use logger=none"]
+    free = shutil.disk_usage(mlruns).free
+    if free < STORE_MIN_FREE:
+        return [f"paths.mlruns_dir={str(mlruns)!r}: its disk has {free / 2**20:.1f} MiB free, less than a run records "
+                f"({STORE_MIN_FREE / 2**20:.0f} MiB: checkpoint, plots, model); free space there or point "
+                f"paths.mlruns_dir at another disk"]
     db = mlruns / DB_NAME
     if db.is_file() and db.stat().st_size:
-        try:
+        try:  # quick_check reads the whole file (0.02 s for 50 MB here): damage inside it, not only its header
             with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
-                con.execute("select count(*) from sqlite_master").fetchone()
+                verdict = con.execute("pragma quick_check(1)").fetchone()[0]
+            if verdict != "ok":
+                raise sqlite3.DatabaseError(verdict)
         except sqlite3.DatabaseError as e:
             return [f"{db} is corrupt, not a readable MLflow SQLite database ({e}). Move it aside to start a new "
                     f"store (`mv {db} {db}.corrupt`) or restore it from a backup; runs in it cannot be read"]

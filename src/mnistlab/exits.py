@@ -11,6 +11,7 @@ import threading
 
 EXIT_SIGINT = 128 + signal.SIGINT  # 130, the shell's status for a process stopped by Ctrl-C
 EXIT_SIGTERM = 128 + signal.SIGTERM  # 143
+EXIT_NOT_RECORDED = 3  # trained and written locally, but the MLflow store failed during the run
 
 
 def interrupt_exit_code(exc: BaseException | None) -> int | None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
+
 # DVC runs queued/temp experiments in a copy under this folder of the workspace.
 _DVC_EXP_TMP = os.sep + os.path.join(".dvc", "tmp", "exps") + os.sep
 
@@ -38,9 +40,17 @@ def workspace_root(start: Path | None = None) -> Path:
     return root
 
 
+def launch_dir() -> Path:
+    """Where the command was started: inside a Hydra job, Hydra's runtime.cwd (hydra.job.chdir=true moves the
+    working directory into the job's dir, which may lie outside the project), else the working directory."""
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.cwd)
+    return Path.cwd()
+
+
 def root_of(configured: str | None) -> Path:
-    """The project root: `paths.root` when set, else found from the working directory."""
-    return Path(configured).resolve() if configured else project_root()
+    """The project root: `paths.root` when set, else found from where the command was started."""
+    return Path(configured).resolve() if configured else project_root(launch_dir())
 
 
 def unique_stamp() -> str:

@@ -2,9 +2,11 @@
 
 Files (in the sweep dir, on the parent run, and in reports/ for the study stage):
   sweep.csv   one row per trial (a config x a seed)
-  study.csv   one row per config: n finished/failed, mean, sd, 95 % CI of val/acc_best and test/acc
+  study.csv   one row per config: n finished/failed/collapsed, mean, sd, 95 % CI of val/acc_best and test/acc (for a
+              config with a collapsed seed, at chance: the seeds' range instead of a t-interval)
   study.json  the chosen config per optimizer, numbers only (what `dvc metrics show` prints)
-  study.md    the findings, generated: chosen configs, paired differences, usable lr ranges, failures
+  study.md    the findings, generated: chosen configs, paired differences (Holm-adjusted, with the minimum
+              detectable difference), usable lr ranges, failed and collapsed configs
   sweep.png   mean +- CI against lr per optimizer and batch size; val curves of each chosen config
 `mnistlab-report` rebuilds them for the latest (or a given) sweep.
 """
@@ -28,9 +30,11 @@ from mnistlab.tracking.tags import PARENT_TAG, REUSED_TAG, SWEEP_TAG
 REPORTED = "test/acc"  # what is reported for the chosen configs; never used to choose
 CI_LEVEL = 0.95
 USABLE_MARGIN = 0.005  # an lr is "usable" when its config's mean val acc is within 0.5 pp of the optimizer's best
+COLLAPSE_ACC = 0.2  # a finished seed at most twice chance (10 classes) has collapsed: it predicts one or two classes
+POWER = 0.8  # for the minimum detectable difference of a paired comparison
 TRIAL_COLUMNS = ["optimizer", "lr", "batch_size", "momentum", "seed", OBJECTIVE, REPORTED, "epochs",
                  "fit_seconds", "status", "reused", "run_id"]
-CONFIG_COLUMNS = ["config", "optimizer", "lr", "batch_size", "n", "finished", "failed",
+CONFIG_COLUMNS = ["config", "optimizer", "lr", "batch_size", "n", "finished", "failed", "collapsed",
                   "val_mean", "val_sd", "val_ci_low", "val_ci_high", "test_mean", "test_sd", "test_ci_low",
                   "test_ci_high", "fit_seconds_mean"]
 
@@ -106,10 +110,15 @@ def config_rows(trials: list[dict]) -> list[dict]:
     for label, ts in groups.items():
         ok = [t for t in ts if _ok(t)]
         val, test = mean_ci([t[OBJECTIVE] for t in ok]), mean_ci([t[REPORTED] for t in ok if t[REPORTED] is not None])
+        collapsed = sum(t[OBJECTIVE] <= COLLAPSE_ACC for t in ok)
+        if collapsed:  # a seed at chance is not noise around a mean: its range, not a t-interval
+            val = {**val, "low": min(t[OBJECTIVE] for t in ok), "high": max(t[OBJECTIVE] for t in ok)}
+            tests = [t[REPORTED] for t in ok if t[REPORTED] is not None]
+            test = {**test, "low": min(tests, default=math.nan), "high": max(tests, default=math.nan)}
         secs = [t["fit_seconds"] for t in ok if t["fit_seconds"] is not None]
         out.append({
             "config": label, "optimizer": ts[0]["optimizer"], "lr": ts[0]["lr"], "batch_size": ts[0]["batch_size"],
-            "n": len(ts), "finished": len(ok), "failed": len(ts) - len(ok),
+            "n": len(ts), "finished": len(ok), "failed": len(ts) - len(ok), "collapsed": collapsed,
             "val_mean": val["mean"], "val_sd": val["sd"], "val_ci_low": val["low"], "val_ci_high": val["high"],
             "test_mean": test["mean"], "test_sd": test["sd"], "test_ci_low": test["low"], "test_ci_high": test["high"],
             "fit_seconds_mean": statistics.fmean(secs) if secs else math.nan,
@@ -120,9 +129,10 @@ def config_rows(trials: list[dict]) -> list[dict]:
 
 
 def choose(configs: list[dict]) -> dict | None:
-    """The config with the highest mean validation accuracy, among those whose every seed finished (a config
-    that diverges for some seed is not a safe choice); else among those with any finished seed."""
-    for eligible in ([c for c in configs if c["finished"] and not c["failed"]], [c for c in configs if c["finished"]]):
+    """The config with the highest mean validation accuracy, among those whose every seed finished and none collapsed
+    (a config that diverges for some seed is not a safe choice); else among those with any finished seed."""
+    for eligible in ([c for c in configs if c["finished"] and not c["failed"] and not c["collapsed"]],
+                     [c for c in configs if c["finished"]]):
         if eligible:
             return max(eligible, key=lambda c: c["val_mean"])
     return None
@@ -133,10 +143,63 @@ def paired_difference(a: dict, b: dict) -> dict:
     ta = {t["seed"]: t[REPORTED] for t in a["trials"] if _ok(t)}
     tb = {t["seed"]: t[REPORTED] for t in b["trials"] if _ok(t)}
     seeds = sorted(set(ta) & set(tb))
-    d = mean_ci([ta[s] - tb[s] for s in seeds])
+    diffs = [ta[s] - tb[s] for s in seeds]
+    d = mean_ci(diffs)
     d["n"] = len(seeds)
     d["excludes_zero"] = bool(d["low"] > 0 or d["high"] < 0)
+    d["p"] = _paired_p(d["mean"], d["sd"], len(seeds))
+    d["mdd"] = min_detectable_difference(d["sd"], len(seeds))
     return d
+
+
+def _paired_p(mean: float, sd: float, n: int) -> float:
+    """Two-sided p of the paired t-test on n differences (0 for a nonzero constant shift, nan for n < 2)."""
+    from scipy import stats
+
+    if n < 2 or math.isnan(sd):
+        return math.nan
+    if sd == 0:
+        return 0.0 if mean != 0 else 1.0
+    return float(2 * stats.t.sf(abs(mean) / (sd / math.sqrt(n)), n - 1))
+
+
+def min_detectable_difference(sd: float, n: int, alpha: float = 1 - CI_LEVEL, power: float = POWER) -> float:
+    """The smallest true paired difference a two-sided t-test on n seeds detects with `power` (noncentral t)."""
+    from scipy import optimize, stats
+
+    if n < 2 or math.isnan(sd) or sd == 0:
+        return math.nan
+    crit = stats.t.ppf(1 - alpha / 2, n - 1)
+
+    def shortfall(nc: float) -> float:  # nc: the difference in standard errors
+        return stats.nct.sf(crit, n - 1, nc) + stats.nct.cdf(-crit, n - 1, nc) - power
+
+    high = crit + 1.0
+    while shortfall(high) < 0:
+        high *= 2
+    return float(optimize.brentq(shortfall, 0.0, high)) * sd / math.sqrt(n)
+
+
+def holm_adjust(pairs: list[dict], alpha: float = 1 - CI_LEVEL) -> None:
+    """Holm's step-down correction for the family of pairwise differences, in place: `p_holm` (adjusted p) and an
+    interval at the level of its step (the i-th smallest p is tested at alpha / (m - i)), `resolved` when Holm
+    rejects. Pairs without a p (n < 2) are left out of the family and unresolved."""
+    from scipy import stats
+
+    family = sorted((p for p in pairs if not math.isnan(p["p"])), key=lambda p: p["p"])
+    m, running = len(family), 0.0
+    for i, p in enumerate(family):
+        running = max(running, min(1.0, (m - i) * p["p"]))
+        p["p_holm"], level = running, 1 - alpha / (m - i)
+        if p["sd"] > 0:
+            half = stats.t.ppf(1 - (1 - level) / 2, p["n"] - 1) * p["sd"] / math.sqrt(p["n"])
+            p["holm_low"], p["holm_high"] = p["mean"] - half, p["mean"] + half
+        else:
+            p["holm_low"] = p["holm_high"] = p["mean"]
+        p["resolved"] = running < alpha
+    for p in pairs:
+        if math.isnan(p["p"]):
+            p.update(p_holm=math.nan, holm_low=math.nan, holm_high=math.nan, resolved=False)
 
 
 def summarize(trials: list[dict]) -> dict:
@@ -146,6 +209,7 @@ def summarize(trials: list[dict]) -> dict:
     chosen = {o: c for o, c in chosen.items() if c is not None}
     best = choose(configs)
     pairs = [{"a": a, "b": b, **paired_difference(chosen[a], chosen[b])} for a, b in combinations(sorted(chosen), 2)]
+    holm_adjust(pairs)
     seeds = sorted({t["seed"] for t in trials if t["seed"] is not None})
     return {
         "trials": len(trials), "finished": sum(_ok(t) for t in trials), "failed": sum(not _ok(t) for t in trials),
@@ -230,21 +294,28 @@ def findings_markdown(summary: dict) -> str:
                       f"test {_pm(b['test_mean'], b['test_ci_low'], b['test_ci_high'])} %)."]
     if s["pairs"]:
         lines += ["", "## Differences between the chosen configs (test accuracy, paired by seed)", "",
-                  "| difference | seeds | mean (pp) | 95 % CI (pp) | distinguishable from seed noise? |",
-                  "| --- | --- | --- | --- | --- |"]
+                  f"Holm-adjusted over the {len(s['pairs'])} comparisons (family-wise 5 %); the minimum detectable "
+                  f"difference is the true difference a paired t-test on these seeds finds with {POWER:.0%} power.", "",
+                  "| difference | seeds | mean (pp) | Holm CI (pp) | Holm p | min. detectable (pp) | resolved? |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
         for p in s["pairs"]:
-            ci = "n/a" if math.isnan(p["low"]) else f"[{p['low'] * 100:+.2f}, {p['high'] * 100:+.2f}]"
-            verdict = "yes (CI excludes 0)" if p["excludes_zero"] else "no (CI includes 0)"
-            if math.isnan(p["low"]):
-                verdict = "cannot tell (fewer than 2 paired seeds)"
-            lines.append(f"| {p['a']} − {p['b']} | {p['n']} | {p['mean'] * 100:+.2f} | {ci} | {verdict} |")
+            if math.isnan(p["p"]):
+                ci, pv, verdict = "n/a", "n/a", "cannot tell (fewer than 2 paired seeds)"
+            else:
+                ci = f"[{p['holm_low'] * 100:+.2f}, {p['holm_high'] * 100:+.2f}]"
+                pv, verdict = f"{p['p_holm']:.3g}", ("yes" if p["resolved"] else "no: within seed noise")
+            mdd = "n/a" if math.isnan(p["mdd"]) else f"{p['mdd'] * 100:.2f}"
+            lines.append(f"| {p['a']} − {p['b']} | {p['n']} | {p['mean'] * 100:+.2f} | {ci} | {pv} | {mdd} | {verdict} |")
     lines += ["", f"## Usable learning rates (mean val acc within {USABLE_MARGIN * 100:g} pp of the optimizer's best, "
                   "no failed seed)", ""]
     for o, c in s["chosen"].items():
         lines.append(f"- **{o}**: {_lr_ranges(configs, o, c['val_mean'])}")
-    failed = [c for c in configs if c["failed"]]
-    lines += ["", "## Failed or diverged configs", ""]
-    lines += [f"- {c['config']}: {c['failed']} of {c['n']} seed(s) failed" for c in failed] or ["- none"]
+    failed = [c for c in configs if c["failed"] or c["collapsed"]]
+    lines += ["", f"## Failed, diverged or collapsed configs (a finished seed at most {COLLAPSE_ACC:.0%} val acc)", ""]
+    lines += [f"- {c['config']}: " + ", ".join(
+        ([f"{c['failed']} of {c['n']} seed(s) failed"] if c["failed"] else [])
+        + ([f"{c['collapsed']} of {c['n']} collapsed (test acc {c['test_ci_low'] * 100:.2f}-{c['test_ci_high'] * 100:.2f} %)"]
+           if c["collapsed"] else [])) for c in failed] or ["- none"]
     return "\n".join(lines) + "\n"
 
 

@@ -18,7 +18,7 @@ from mnistlab.config import (
     ConfigError, effective_test_ckpt, override_problems, validate, validate_inputs, with_run_overrides,
 )
 from mnistlab.data.mnist_files import MnistDataError
-from mnistlab.exits import install_sigterm_handler, interrupt_exit_code
+from mnistlab.exits import EXIT_NOT_RECORDED, install_sigterm_handler, interrupt_exit_code
 from mnistlab.instantiators import build_trainer
 from mnistlab.launch_context import installed_fit
 from mnistlab.metrics import OBJECTIVE, TEST_KEYS
@@ -26,6 +26,7 @@ from mnistlab.outputs import CURVES_FILE, METRICS_FILE, output_dirs, write_curve
 from mnistlab.paths import CONF_DIR, resolve, root_of
 from mnistlab.requeue import remember_run, resume_checkpoint
 from mnistlab.threads import configure_threads, parallel_jobs
+from mnistlab.tracking.status import first_line
 from mnistlab.tracking.trial import (
     log_device,
     log_results,
@@ -102,24 +103,41 @@ def train(cfg: DictConfig) -> dict[str, float]:
             history = EpochHistory()
             trainer = build_trainer(cfg, run, history, dirs, hc)
             if run is not None:
-                log_device(run, trainer)
+                run.recording(lambda: log_device(run, trainer))
             # a launch that trained this trial elsewhere (launcher=stacked) installed the fit that adopts its results
             fit = installed_fit() or _fit_and_test
             metrics, rows = fit(cfg, trainer, model, dm, history, dirs.checkpoints)
-            if run is not None:
-                log_results(run, cfg, trainer, model, dm, rows, metrics)
             if smoke:
                 log.info("fast_dev_run: the loops ran on %s batch(es); a smoke test, so no MLflow run, metrics.json or "
                          "curves.csv was written", int(cfg.trainer.fast_dev_run))
                 return metrics
-            if trainer.is_global_zero:  # DDP's other ranks share the output dir
+            if trainer.is_global_zero:  # DDP's other ranks share the output dir; local first, whatever the store does
                 write_curves_csv(dirs.reports / CURVES_FILE, rows)
                 write_summary(dirs.reports, metrics)
+            if run is not None:
+                run.recording(lambda: log_results(run, cfg, trainer, model, dm, rows, metrics))
     finally:
         restore_sigint()
+    if run is not None and run.store_error is not None:  # the local status file says how it ended
+        error = StoreFailed(run, dirs)
+        write_trial_status(Path(hc.runtime.output_dir) if hc is not None else dirs.out, "FINISHED",
+                           f"not recorded in MLflow: {error}")
+        raise error
     log.info("test/acc=%.4f test/loss=%.4f in %.1fs (%d epochs); metrics in %s", metrics["test/acc"],
              metrics["test/loss"], metrics["fit_seconds"], metrics["epochs"], dirs.reports / METRICS_FILE)
     return metrics
+
+
+class StoreFailed(RuntimeError):
+    """Training and test finished and their results are on disk, but the MLflow store failed during the run."""
+
+    def __init__(self, run, dirs):
+        super().__init__(
+            f"the MLflow store {run.tracking_uri} failed during the run ({first_line(run.store_error)}), so run "
+            f"{run.run_id} is not fully recorded there; it shows RUNNING until `make clean-stale` (mnistlab-runs "
+            f"clean-stale) closes it once the store works again. Training and test finished: the results are in "
+            f"{dirs.reports} (metrics.json, curves.csv, timing.json) and the checkpoints in {dirs.checkpoints}. Fix "
+            f"the store (disk space, permissions, the database file), then re-run to record the run.")
 
 
 def _fit_and_test(cfg: DictConfig, trainer, model, dm, history, ckpt_dir: Path) -> tuple[dict[str, float], list[dict]]:
@@ -161,12 +179,17 @@ def hydra_main(cfg: DictConfig) -> float | None:
         return train(cfg).get(cfg.get("optimized_metric") or OBJECTIVE)
     except BaseException as e:
         code = interrupt_exit_code(e)
-        if in_sweep and code is not None:  # scancel, preemption, a time limit, Ctrl-C: the trial says so itself
+        if hc is not None and code is not None:  # scancel, preemption, a time limit, Ctrl-C: the run says so itself
             why = "SIGTERM (scancel, preemption or a time limit)" if code == 143 else "Ctrl-C"
             write_trial_status(Path(hc.runtime.output_dir), "KILLED", f"stopped by {why}")
             raise
         if not isinstance(e, Exception):
             raise
+        if isinstance(e, StoreFailed):  # one paragraph; its status file says FINISHED, not recorded
+            print(f"error: {e}", file=sys.stderr)
+            if in_sweep:
+                return None
+            sys.exit(EXIT_NOT_RECORDED)
         if not in_sweep:
             if isinstance(e, (ConfigError, MnistDataError)):
                 print(f"error: {e}", file=sys.stderr)

@@ -108,7 +108,9 @@ class MnistDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self):
-        return self._batches("train", self.batch_size, shuffle=True)
+        # trainer.overfit_batches: the same few batches every epoch (Lightning turns a DataLoader's shuffling off)
+        overfit = self.trainer is not None and self.trainer.overfit_batches > 0
+        return self._batches("train", self.batch_size, shuffle=not overfit)
 
     def val_dataloader(self):
         return self._batches("val", self.eval_batch_size, shuffle=False)

@@ -7,12 +7,14 @@ exception, KILLED on Ctrl-C or SIGTERM.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
+import threading
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import MLFlowLogger
@@ -20,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from mnistlab.callbacks import clean_float
-from mnistlab.tracking.status import end_run
+from mnistlab.tracking.status import end_run, first_line, is_store_failure
 from mnistlab.tracking.tags import ERROR_TAG, NOTE_TAG, SWEEP_DIR_TAG
 
 
@@ -37,8 +39,9 @@ the epoch; per-step ones (`*_step`) keep the global step. Values lose their floa
 
     MAX_PENDING = 500  # MLflow accepts up to 1000 metrics per log_batch
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, run: "TrackedRun", *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self.run = run  # whose store_error says the store has failed
         self._pending: list = []
         # what MLFlowLogger passes to log_batch itself (it keeps it in a private attribute)
         self.batch_kwargs = {} if kwargs.get("synchronous") is None else {"synchronous": kwargs["synchronous"]}
@@ -59,9 +62,14 @@ the epoch; per-step ones (`*_step`) keep the global step. Values lose their floa
 
     @rank_zero_only
     def flush(self) -> None:
-        if self._pending:
-            self.experiment.log_batch(run_id=self.run_id, metrics=self._pending, **self.batch_kwargs)
-            self._pending = []
+        if self._pending and self.run.store_error is None:
+            try:
+                self.experiment.log_batch(run_id=self.run_id, metrics=self._pending, **self.batch_kwargs)
+            except Exception as e:  # the store failed: training goes on, the results land locally (train.py)
+                if not is_store_failure(e):
+                    raise
+                self.run.store_failed(e)
+        self._pending = []
 
     def finalize(self, status: str = "success") -> None:
         self.flush()
@@ -117,8 +125,9 @@ class _ExceptionRecorder(pl.Callback):
 
 
 def restore_sigint() -> None:
-    """Lightning ignores Ctrl-C after the first one while it shuts down; give the user their Ctrl-C back."""
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    """Lightning ignores Ctrl-C after the first one while it shuts down; give the user their Ctrl-C back (from the
+    main thread: only it may set a handler, and a run closed in another thread has no Ctrl-C of its own)."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
@@ -156,6 +165,17 @@ def log_inputs(client, run_id: str, datasets: list, attempts: int = 4) -> None:
             time.sleep(0.2 * (attempt + 1))
 
 
+class _NoStoreTracebacks(logging.Filter):
+    """MLflow's SQL store logs every database error with its traceback before raising it; a run reports a failing
+    store itself, in one line (TrackedRun.store_failed)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+
+_STORE_LOG = logging.getLogger("mlflow.store.db.utils")
+
+
 class TrackedRun:
     """Context manager around one MLflow run (a single training or one sweep trial)."""
 
@@ -170,8 +190,11 @@ class TrackedRun:
         self.run_id: str | None = reopen  # a run to continue (a requeued SLURM job), else a new one
         self.status: str | None = None
         self.seen_exception: BaseException | None = None
+        self.store_error: BaseException | None = None  # the store failed mid-run (store_failed)
+        self._quiet_store = _NoStoreTracebacks()
 
     def __enter__(self) -> "TrackedRun":
+        _STORE_LOG.addFilter(self._quiet_store)
         new = self.run_id is None
         if new:
             self.run_id = self.client.create_run(self.experiment_id, run_name=self.run_name, tags=self.tags).info.run_id
@@ -206,6 +229,7 @@ class TrackedRun:
             self._monitor.start()
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        _STORE_LOG.removeFilter(self._quiet_store)
         restore_sigint()
         if self._monitor is not None:
             self._monitor.finish()
@@ -216,19 +240,46 @@ class TrackedRun:
             except AttributeError:
                 pass
         message = ""
+        if self.store_error is not None:  # it stays RUNNING until clean-stale, once the store works again
+            return False
         try:
-            flush_async(self.tracking_uri)
-            if self.status != "FINISHED":
-                cause = self.seen_exception if isinstance(exc, SystemExit) and self.seen_exception else exc
-                message = f"{type(cause).__name__}: {cause}"
-                text = "".join(traceback.format_exception(type(cause), cause, cause.__traceback__))
-                self.client.log_text(self.run_id, text, "error.txt")
-        finally:
-            end_run(self.client, self.run_id, self.status, message)
+            try:
+                flush_async(self.tracking_uri)
+                if self.status != "FINISHED":
+                    cause = self.seen_exception if isinstance(exc, SystemExit) and self.seen_exception else exc
+                    message = f"{type(cause).__name__}: {cause}"
+                    text = "".join(traceback.format_exception(type(cause), cause, cause.__traceback__))
+                    self.client.log_text(self.run_id, text, "error.txt")
+            finally:
+                end_run(self.client, self.run_id, self.status, message)
+        except Exception as e:
+            if not is_store_failure(e):
+                raise
+            self.store_failed(e)
         return False
 
     def logger(self) -> RunOwnedMLFlowLogger:
-        return RunOwnedMLFlowLogger(run_id=self.run_id, tracking_uri=self.tracking_uri, synchronous=self.synchronous)
+        return RunOwnedMLFlowLogger(self, run_id=self.run_id, tracking_uri=self.tracking_uri, synchronous=self.synchronous)
+
+    def store_failed(self, error: BaseException) -> None:
+        """The store failed mid-run: said once; from here on nothing more is sent to it (train() writes the
+        results locally and exits with EXIT_NOT_RECORDED, 3)."""
+        if self.store_error is None:
+            self.store_error = error
+            logging.getLogger("mnistlab.tracking").error(
+                "the MLflow store %s failed (%s); training goes on, results are written locally only",
+                self.tracking_uri, first_line(error))
+
+    def recording(self, what: Callable[[], Any]) -> None:
+        """Send something to the store unless it has failed; a failure of the store is recorded, not raised."""
+        if self.store_error is not None:
+            return
+        try:
+            what()
+        except Exception as e:
+            if not is_store_failure(e):
+                raise
+            self.store_failed(e)
 
     def callback(self) -> pl.Callback:
         return _ExceptionRecorder(self)
@@ -269,7 +320,6 @@ def log_torch_model(tracking_uri: str, run_id: str, model, input_example) -> Non
     """The model as TorchScript under the run's `model`: loaded back by mlflow.pytorch.load_model it is a module
     (.eval(), .train(), .to() work, unlike the pt2 graph MLflow writes by default) and loading runs no pickled
     Python. The signature cannot say the input's range, so the metadata does."""
-    import logging
     import warnings
 
     import mlflow
@@ -281,17 +331,19 @@ def log_torch_model(tracking_uri: str, run_id: str, model, input_example) -> Non
     signature = infer_signature(input_example, output)
     flavor_log = logging.getLogger("mlflow.pytorch")
     level = flavor_log.level
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated", category=FutureWarning)
-        scripted = torch.jit.script(model)
     # start_run(run_id) resumes the run for the fluent API; the run's status stays its owner's to set.
-    # MLflow's "pickle is unsafe" warning is about pickled modules; a TorchScript archive is not one.
+    # MLflow's "pickle is unsafe" warning is about pickled modules; a TorchScript archive is not one. torch 2.14
+    # marks TorchScript deprecated (FutureWarnings on script and on the load MLflow does to check the example).
     flavor_log.setLevel(logging.ERROR)
     try:
-        with fluent_uri(tracking_uri), mlflow.start_run(run_id=run_id):
+        with warnings.catch_warnings(), fluent_uri(tracking_uri), mlflow.start_run(run_id=run_id):
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.(script|load).* deprecated", category=FutureWarning)
+            warnings.filterwarnings("ignore", message=".*looks like a TorchScript archive", category=UserWarning)
+            scripted = torch.jit.script(model)
             mlflow.pytorch.log_model(
                 scripted, name="model", signature=signature, input_example=input_example,
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"], serialization_format="pickle", metadata={"input": INPUT_NOTE},
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"], serialization_format="pickle",
+                metadata={"input": INPUT_NOTE},
             )
     finally:
         flavor_log.setLevel(level)

@@ -17,3 +17,17 @@ def end_run(client, run_id: str, status: str, reason: str = "", note: str | None
     elif note:
         client.set_tag(run_id, NOTE_TAG, note)
     client.set_terminated(run_id, status)
+
+
+def is_store_failure(e: BaseException) -> bool:
+    """An error of the tracking store itself (MLflow's, the database's or the filesystem's), not of our code."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(e, (MlflowException, OSError)) or type(e).__module__.startswith(("sqlalchemy", "sqlite3"))
+
+
+def first_line(e: BaseException) -> str:
+    """An error in one line: a database error's own line when it wraps one (`(sqlite3.OperationalError) ...`)."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    db = [line for line in lines if line.startswith("(") and "Error) " in line]
+    return f"{type(e).__name__}: {(db or lines or [''])[0][:300]}"
