@@ -164,20 +164,26 @@ def _paired_p(mean: float, sd: float, n: int) -> float:
 
 
 def min_detectable_difference(sd: float, n: int, alpha: float = 1 - CI_LEVEL, power: float = POWER) -> float:
-    """The smallest true paired difference a two-sided t-test on n seeds detects with `power` (noncentral t)."""
-    from scipy import optimize, stats
+    """The smallest true paired difference a two-sided t-test on n seeds detects with `power`. The power is the
+    noncentral t's, integrated over the chi-square of the variance (scipy's nct returns nan at 1-2 dof)."""
+    from scipy import integrate, optimize, stats
 
     if n < 2 or math.isnan(sd) or sd == 0:
         return math.nan
-    crit = stats.t.ppf(1 - alpha / 2, n - 1)
+    df = n - 1
+    crit = stats.t.ppf(1 - alpha / 2, df)
 
-    def shortfall(nc: float) -> float:  # nc: the difference in standard errors
-        return stats.nct.sf(crit, n - 1, nc) + stats.nct.cdf(-crit, n - 1, nc) - power
+    def shortfall(nc: float) -> float:  # nc: the true difference in standard errors
+        def rejects(v: float) -> float:
+            c = crit * math.sqrt(v / df)
+            return (stats.norm.sf(c - nc) + stats.norm.cdf(-c - nc)) * stats.chi2.pdf(v, df)
+
+        return integrate.quad(rejects, 0, math.inf, limit=200)[0] - power
 
     high = crit + 1.0
     while shortfall(high) < 0:
         high *= 2
-    return float(optimize.brentq(shortfall, 0.0, high)) * sd / math.sqrt(n)
+    return float(optimize.brentq(shortfall, 0.0, high, xtol=1e-10)) * sd / math.sqrt(n)
 
 
 def holm_adjust(pairs: list[dict], alpha: float = 1 - CI_LEVEL) -> None:
