@@ -359,9 +359,6 @@ def parent_run_id(sweep_dir: Path | None, client=None) -> str | None:
 
     In a sweep, the parent must be the run of *this* sweep dir (its `mnistlab.sweep_dir` tag): a stale
     environment variable or a file from another sweep never attaches a trial to the wrong parent."""
-    import logging
-    import os
-
     file = Path(sweep_dir) / PARENT_FILE if sweep_dir is not None else None
     found = (file.read_text().strip() if file is not None and file.is_file() else "") or os.environ.get(PARENT_ENV, "")
     if not found or sweep_dir is None or client is None:
