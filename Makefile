@@ -7,6 +7,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-16)
 MNIST_DIR ?=
 PYTEST_ARGS ?=
+# test workers (pytest-xdist): one per core, at most 4 (each test may start several trial processes)
+TEST_JOBS ?= auto
+XDIST := -n $(TEST_JOBS) --maxprocesses=4 --dist loadgroup
 # pip without its version nag and progress bars (the install is still reported when it fails).
 PIP := $(BIN)/python -m pip --quiet --disable-pip-version-check --no-input
 UI_HOST ?= 127.0.0.1
@@ -39,10 +42,10 @@ ifneq ($(MNIST_DIR),)
 endif
 
 test: setup
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest $(PYTEST_ARGS)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 test-fast: setup
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
 # The MLflow UI over the store conf/ defines, on loopback unless UI_HOST says otherwise; prints the link to the
 # experiment's training runs first.

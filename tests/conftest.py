@@ -19,6 +19,10 @@ BIN = Path(sys.executable).parent
 SHARED_MNIST = Path(os.environ.get("MNISTLAB_SHARED_MNIST", PROJECT_ROOT.parent / "shared" / "mnist"))
 # CI (.ci/run) sets this: a test that would skip (real data or a tool missing) fails instead.
 REQUIRE_ALL = os.environ.get("MNISTLAB_REQUIRE_ALL") == "1"
+# Under pytest-xdist (`make test`) the workers share the cores: each gets its share of torch threads.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 
 def require_real_mnist() -> None:
@@ -37,6 +41,16 @@ def pytest_runtest_makereport(item, call):
         report.outcome = "failed"
         reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr
         report.longrepr = f"skipped, but MNISTLAB_REQUIRE_ALL=1 (CI) allows no skips: {reason}"
+
+
+def pytest_collection_modifyitems(config, items):
+    """For pytest-xdist: the cluster tests share one worker (one SLURM + PostgreSQL per session), and the tests
+    with a long timeout start first so they do not make the run's tail."""
+    for item in items:
+        if item.get_closest_marker("cluster"):
+            item.add_marker(pytest.mark.xdist_group("cluster"))
+    items.sort(key=lambda item: -(item.get_closest_marker("timeout").args[0]
+                                  if item.get_closest_marker("timeout") else 0))
 
 
 def fake_mnist(n_train: int = 600, n_test: int = 200, seed: int = 0) -> dict[str, np.ndarray]:
