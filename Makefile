@@ -65,8 +65,8 @@ server: setup
 	  --artifacts-destination "$(abspath $(ARTIFACTS_DIR))" --host $(SERVER_HOST) --port $(SERVER_PORT) \
 	  --workers $(SERVER_WORKERS)
 
-# The optimizer study through DVC (study/dvc.yaml): 108 trials, stacked (launcher=stacked), report in reports/; the README
-# quotes the generated findings (reports/study.md).
+# The optimizer study through DVC (study/dvc.yaml): explore (108 trials), refine, confirm and longer stages, stacked
+# (launcher=stacked), report in reports/; the README quotes the generated findings (reports/study.md).
 sweep: setup mirror
 	$(BIN)/python -m mnistlab.params
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro study/dvc.yaml || { $(BIN)/python -m mnistlab.data.hints; exit 1; }

@@ -19,10 +19,12 @@ BIN = Path(sys.executable).parent
 SHARED_MNIST = Path(os.environ.get("MNISTLAB_SHARED_MNIST", PROJECT_ROOT.parent / "shared" / "mnist"))
 # CI (.ci/run) sets this: a test that would skip (real data or a tool missing) fails instead.
 REQUIRE_ALL = os.environ.get("MNISTLAB_REQUIRE_ALL") == "1"
-# Under pytest-xdist (`make test`) the workers share the cores: each gets its share of torch threads.
+# Under pytest-xdist (`make test`) the workers share the cores: each gets its share of torch threads, and idle
+# OpenMP threads sleep instead of spinning (spinning threads of two workers' trials starve each other).
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     os.environ.setdefault("OMP_NUM_THREADS",
                           str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def require_real_mnist() -> None:

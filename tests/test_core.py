@@ -13,16 +13,17 @@ from scipy import stats
 from conftest import compose
 from mnistlab.metrics import OBJECTIVE
 from mnistlab.report import (
-    _lr_ranges, choose, config_rows, findings_markdown, holm_adjust, mean_ci, min_detectable_difference,
-    paired_difference, summarize,
+    _lr_ranges, bracket, choose, config_rows, findings_markdown, holm_adjust, mean_ci, metrics_json,
+    min_detectable_difference, paired_difference, summarize,
 )
 from mnistlab.stacked.plan import plan
+from mnistlab.study import half_decade, refine_proposals
 from mnistlab.tracking.resume import config_hash
 
 
 def _trial(opt: str, lr: float, seed: int, val: float | None, test: float | None, status: str = "FINISHED",
-           bs: int = 128) -> dict:
-    return {"optimizer": opt, "lr": lr, "batch_size": bs, "momentum": None, "seed": seed, OBJECTIVE: val,
+           bs: int = 128, stage: str = "explore") -> dict:
+    return {"stage": stage, "optimizer": opt, "lr": lr, "batch_size": bs, "momentum": None, "seed": seed, OBJECTIVE: val,
             "test/acc": test, "epochs": 5, "fit_seconds": 1.0, "status": status, "reused": "", "run_id": f"{opt}{lr}{seed}"}
 
 
@@ -126,7 +127,7 @@ def test_a_config_with_a_seed_at_chance_is_collapsed_shown_by_range_and_never_ch
     assert (bad["test_ci_low"], bad["test_ci_high"]) == (0.1135, 0.968)  # the seeds' range, not a t-interval
     assert configs[0.1]["collapsed"] == 0 and choose(list(configs.values()))["lr"] == 0.1
     md = findings_markdown(summarize(trials))
-    assert "- momentum lr=1 bs=32: 2 of 3 collapsed (test acc 11.35-96.80 %)" in md, md
+    assert "- momentum lr=1 bs=32: 2 of 3 collapsed (val acc 11.35-97.00 %)" in md, md
 
 
 def test_choose_prefers_configs_whose_every_seed_finished():
@@ -143,7 +144,7 @@ def test_choose_prefers_configs_whose_every_seed_finished():
 def test_usable_lrs_are_those_within_the_margin_of_the_best_and_never_a_failed_one():
     trials = [_trial("sgd", lr, s, v, 0.97) for lr, v in ((0.01, 0.950), (0.1, 0.975), (1.0, 0.972)) for s in range(2)]
     trials += [_trial("sgd", 3.0, 0, 0.979, 0.97), _trial("sgd", 3.0, 1, None, None, "FAILED")]
-    assert _lr_ranges(config_rows(trials), "sgd", 0.975) == "bs 128: 0.1, 1"
+    assert _lr_ranges(config_rows(trials), "sgd", 0.975) == "bs 128: 0.1, 1 (1.0 decades)"
 
 
 # --- the config hash ---
@@ -214,3 +215,62 @@ def test_the_planner_runs_another_apps_jobs_one_by_one(caplog):
         groups, alone = plan([other], max_members=12, mem_per_member_mb=1.0, root=None)
     assert (groups, alone) == ([], [0])
     assert "not an mnistlab trial (its config has no seed, model, optimizer" in caplog.text
+
+
+# --- the staged study: refine brackets each optimum, confirm seeds alone give the reported test ---
+
+def test_half_decade_steps_are_the_grid_10_to_the_k_over_2():
+    assert [half_decade(1.0, k) for k in (-2, -1, 1, 2)] == [0.1, 0.316, 3.16, 10.0]
+    assert half_decade(0.316, 1) == 1.0 and half_decade(0.001, -1) == 0.000316
+
+
+def test_refine_extends_an_edge_optimum_outward_round_by_round_until_bracketed():
+    """A synthetic val curve peaking at lr 3e-4 (below the grid): each round proposes the next lr below the
+    bottom edge, and stops proposing once a worse lr sits on both sides; the upper edge collapsed = bracketed."""
+    def val(lr):  # peak at 10^-3.5, falling 1 pp per half decade
+        return 0.975 - 0.01 * abs(2 * math.log10(lr) + 7)
+
+    lrs, rounds = [0.001, 0.01, 0.1, 1.0], []
+    while True:
+        trials = [_trial("rmsprop", lr, s, val(lr) + s / 1e4, 0.97) for lr in lrs for s in range(3)]
+        trials += [_trial("sgd", lr, s, 0.1135 if lr == 1.0 else 0.90 + lr / 10, 0.9) for lr in (0.01, 0.1, 1.0)
+                   for s in range(3)]  # sgd: best at 0.1, lr 1 collapsed above it
+        proposals = refine_proposals(config_rows(trials))
+        assert ("sgd", 128) not in proposals, "a collapsed neighbour above brackets the optimum"
+        if not proposals:
+            break
+        rounds.append(proposals[("rmsprop", 128)])
+        lrs.append(rounds[-1])
+        assert len(rounds) < 5
+    assert rounds == [0.000316, 0.0001]  # 3.16e-4 is the best once tried; 1e-4 below it is worse: bracketed
+    b = bracket(config_rows(trials), "rmsprop", 128)
+    assert b["bracketed"] and b["best"]["lr"] == 0.000316 and (b["below"]["lr"], b["above"]["lr"]) == (0.0001, 0.001)
+    top = bracket(config_rows([_trial("sgd", lr, 0, lr, 0.9) for lr in (0.1, 1.0)]), "sgd", 128)
+    assert not top["bracketed"] and top["above"] is None
+    assert refine_proposals(config_rows([_trial("sgd", lr, 0, lr, 0.9) for lr in (0.1, 1.0)])) == {("sgd", 128): 3.16}
+
+
+def test_test_accuracy_is_reported_from_the_confirmation_seeds_alone():
+    """Selection seeds carry a lucky test score; the reported test, its CI and the paired differences come from the
+    confirmation seeds, which never enter the choice."""
+    trials = [_trial(o, 0.1, s, v + s / 1000, 0.999) for o, v in (("sgd", 0.97), ("momentum", 0.96)) for s in range(3)]
+    trials += [_trial("sgd", 1.0, s, 0.99, 0.5, stage="confirm") for s in range(1000, 1010)]  # not a selection config
+    conf = {("sgd", s): 0.970 + (s % 3) / 1000 for s in range(1000, 1010)}
+    conf.update({("momentum", s): 0.968 + (s % 5) / 1000 for s in range(1000, 1010)})
+    trials += [_trial(o, 0.1, s, 0.97, t, stage="confirm") for (o, s), t in conf.items()]
+    summary = summarize(trials)
+    assert summary["chosen"]["sgd"]["lr"] == 0.1 and summary["chosen"]["sgd"]["finished"] == 3
+    rep = summary["reported"]["sgd"]
+    sgd_conf = [conf[("sgd", s)] for s in range(1000, 1010)]
+    assert rep["finished"] == 10 and rep["test_mean"] == pytest.approx(statistics_mean(sgd_conf))
+    want = stats.ttest_1samp(sgd_conf, 0).confidence_interval(0.95)
+    assert (rep["test_ci_low"], rep["test_ci_high"]) == (pytest.approx(want.low), pytest.approx(want.high))
+    (pair,) = summary["pairs"]
+    diffs = [conf[("momentum", s)] - conf[("sgd", s)] for s in range(1000, 1010)]
+    assert pair["n"] == 10 and pair["mean"] == pytest.approx(statistics_mean(diffs))
+    assert pair["p"] == pytest.approx(stats.ttest_rel([conf[("momentum", s)] for s in range(1000, 1010)], sgd_conf).pvalue)
+    m = metrics_json(summary)
+    assert m["chosen_on_val"]["sgd"]["test_seeds"] == 10 and m["chosen_on_val"]["sgd"]["confirmed"] == 1
+    assert m["stages"] == {"explore": 6, "confirm": 30}
+    md = findings_markdown(summary)
+    assert "test accuracy comes from fresh confirmation seeds" in md and "| 10 (confirm) |" in md, md

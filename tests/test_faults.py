@@ -172,11 +172,17 @@ def test_a_killed_stack_process_fails_its_trials_and_the_sweep_goes_on(tmp_path,
     while finished() < 2 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.5)
     assert proc.poll() is None, proc.communicate()[1][-3000:]
+    def cpu(w: psutil.Process) -> float:
+        try:
+            return w.cpu_percent(None)
+        except psutil.NoSuchProcess:  # a helper process that ended meanwhile
+            return -1.0
+
     workers = psutil.Process(proc.pid).children(recursive=True)
     for w in workers:
-        w.cpu_percent(None)
+        cpu(w)
     time.sleep(1.0)
-    busy = max(workers, key=lambda w: w.cpu_percent(None))  # the process training the 3000-epoch stack
+    busy = max(workers, key=cpu)  # the process training the 3000-epoch stack
     busy.send_signal(signal.SIGKILL)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 1, err[-3000:]

@@ -49,7 +49,8 @@ def test_chosen_config_is_the_validation_winner_even_when_test_disagrees(tmp_pat
     tags = client.get_run(parent).data.tags
     assert tags["mnistlab.best_config"].startswith("rmsprop lr=0.001 bs=128 (selected on mean val/acc_best")
     findings = (tmp_path / "out" / "study.md").read_text()
-    assert "| sgd | 0.1 | 128 | 2 |" in findings and "chosen on validation" in findings
+    assert "| sgd | 0.1 | 128 | no: at the bottom of the lrs tried | 95.50 ± 6.35 (2) | 2 | 90.50 ± 6.35 |" in findings, findings
+    assert "chosen on validation" in findings and "reported from the same seeds (no confirmation stage ran)" in findings
     # the paired difference rmsprop - sgd over seeds 0, 1: (0.92-0.90, 0.93-0.91) = +2 pp both
     assert "| rmsprop − sgd | 2 | +2.00 |" in findings
 
@@ -171,11 +172,12 @@ def test_dvc_exp_run_reaches_the_study_stage_and_metrics_are_numbers(project_cop
 
     dvc("remote", "modify", "--local", "mnist-source", "url", str(mirror))
     sets = ["data.verify_checksums=false", "data.val_size=100", "study.optimizers=[sgd]", "study.lrs=[0.1]",
-            "study.batch_sizes=[64]", "study.seeds=2", "study.max_epochs=1"]
+            "study.batch_sizes=[64]", "study.seeds=2", "study.max_epochs=1", "study.refine_rounds=0",
+            "study.confirm_seeds=0"]  # explore alone (the stages: test_staged_study_...)
     dvc("exp", "run", *[a for s in sets for a in ("-S", s)], "study/dvc.yaml")
     rows = read_csv(project_copy / "reports" / "sweep.csv")
-    assert [(r["optimizer"], r["lr"], r["batch_size"], r["seed"]) for r in rows] == [("sgd", "0.1", "64", "0"),
-                                                                                     ("sgd", "0.1", "64", "1")]
+    assert [(r["stage"], r["optimizer"], r["lr"], r["batch_size"], r["seed"]) for r in rows] == [
+        ("explore", "sgd", "0.1", "64", "0"), ("explore", "sgd", "0.1", "64", "1")]
     shown = json.loads(dvc("metrics", "show", "--json").stdout)
     study = shown[""]["data"]["reports/study.json"]["data"]
     assert study["trials"] == 2 and study["seeds"] == 2
@@ -192,3 +194,52 @@ def test_dvc_exp_run_reaches_the_study_stage_and_metrics_are_numbers(project_cop
     assert all(isinstance(v, (int, float)) for v in leaves), "dvc metrics show gets numbers, not ids or names"
     lock = (project_copy / "study" / "dvc.lock").read_text()
     assert "seeds: 2" in lock and "mnistlab-study --optimizers sgd --lrs 0.1 --batch_sizes 64 --seeds 2" in lock
+    assert "--refine_rounds 0" in lock and "--confirm_seeds 0" in lock
+
+
+@pytest.mark.slow
+def test_staged_study_refines_the_edge_confirms_on_fresh_seeds_and_a_rerun_trains_nothing(tmp_path, processed_dir):
+    """mnistlab-study on real Hydra multiruns: explore (2 lrs, both edges), one refine round outward from the best,
+    the chosen config on 3 fresh confirmation seeds and at a longer budget; all under one study run; the champion
+    comes from a confirmation seed; the same command again reuses every trial."""
+    from mnistlab.study import half_decade
+    from mnistlab.tracking.tags import STAGE_TAG, STUDY_TAG
+
+    cmd = [str(Path(sys.executable).parent / "mnistlab-study"), "--optimizers", "sgd", "--lrs", "0.1", "1.0",
+           "--batch_sizes", "64", "--seeds", "2", "--max_epochs", "1", "--refine_rounds", "1", "--confirm_seeds", "3",
+           "--longer_epochs", "2", f"data.processed_dir={processed_dir}", "data.val_size=100", "data.eval_batch_size=100",
+           f"paths.root={tmp_path}", f"paths.mlruns_dir={tmp_path / 'mlruns'}", f"paths.sweep_reports_dir={tmp_path / 'reports'}",
+           "logger.plots=false", "num_threads=1", f"hydra.sweep.dir={tmp_path / 'sweeps'}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = read_csv(tmp_path / "reports" / "sweep.csv")
+    by_stage = {}
+    for r in rows:
+        by_stage.setdefault(r["stage"], []).append(r)
+    assert sorted(by_stage) == ["confirm", "explore", "longer", "refine"], sorted(by_stage)
+    explore = by_stage["explore"]
+    assert sorted((r["lr"], r["seed"]) for r in explore) == [("0.1", "0"), ("0.1", "1"), ("1.0", "0"), ("1.0", "1")]
+    means = {lr: statistics.fmean(float(r["val/acc_best"]) for r in explore if r["lr"] == lr) for lr in ("0.1", "1.0")}
+    best = max(means, key=means.get)
+    outward = half_decade(float(best), 1 if best == "1.0" else -1)
+    assert {float(r["lr"]) for r in by_stage["refine"]} == {outward} and len(by_stage["refine"]) == 2
+    study = json.loads((tmp_path / "reports" / "study.json").read_text())
+    chosen = study["chosen_on_val"]["sgd"]
+    confirm = by_stage["confirm"]
+    assert sorted(int(r["seed"]) for r in confirm) == [1000, 1001, 1002], "fresh seeds, disjoint from 0-1"
+    assert {(float(r["lr"]), int(r["batch_size"])) for r in confirm} == {(chosen["lr"], 64)}
+    assert chosen["test_seeds"] == 3 and chosen["test_acc_mean"] == pytest.approx(
+        statistics.fmean(float(r["test/acc"]) for r in confirm), abs=1e-6)
+    assert {(r["seed"], r["epochs"]) for r in by_stage["longer"]} == {("1000", "2"), ("1001", "2"), ("1002", "2")}
+    client = MlflowClient(default_tracking_uri(tmp_path / "mlruns"))
+    (parent,) = [r for r in _sweeps(client) if r.data.tags.get(STUDY_TAG) == "true"]
+    assert parent.info.status == "FINISHED"
+    stages = _children(client, parent.info.run_id)
+    assert sorted(s.data.tags[STAGE_TAG] for s in stages) == ["confirm", "explore", "longer", "refine"]
+    champion = client.get_model_version_by_alias("mnist-mlp", "champion")
+    assert champion.tags["mnistlab.run_id"] in {r["run_id"] for r in confirm}
+
+    again = subprocess.run(cmd, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    rerun = read_csv(tmp_path / "reports" / "sweep.csv")
+    assert len(rerun) == len(rows) and all(r["reused"] for r in rerun), "a re-run trains nothing"

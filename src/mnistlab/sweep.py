@@ -9,17 +9,28 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from mnistlab.paths import CONF_DIR, resolve, root_of
+from mnistlab.paths import resolve, root_of
 from mnistlab.report import write_sweep_report
 from mnistlab.run_info import environment_tags, git_tags
 from mnistlab.tracking.status import end_run
 from mnistlab.tracking.store import open_store, store_uri
-from mnistlab.tracking.tags import SWEEP_DIR_TAG, SWEEP_TAG
-from mnistlab.trial_status import TRIAL_STATUS_FILE, read_trial_status, read_trial_statuses, write_trial_status
+from mnistlab.tracking.tags import (
+    PARENT_TAG,
+    STAGE_TAG,
+    STUDY_RUN_ENV,
+    STUDY_STAGE_ENV,
+    SWEEP_DIR_TAG,
+    SWEEP_TAG,
+)
+from mnistlab.trial_status import (
+    TRIAL_STATUS_FILE,
+    read_trial_status,
+    read_trial_statuses,
+    write_trial_status,
+)
 
 log = logging.getLogger("mnistlab.sweep")
 
@@ -65,7 +76,10 @@ class MlflowSweepCallback(Callback):
             **git_tags(root),
             **environment_tags(),
         }
-        name = f"sweep {config.task_name} {time.strftime('%Y-%m-%d %H:%M:%S')}" + (f" [{overrides}]" if overrides else "")
+        study_run = os.environ.get(STUDY_RUN_ENV)
+        if study_run:  # a stage of mnistlab-study: nested under the study's run
+            tags.update({PARENT_TAG: study_run, STAGE_TAG: os.environ.get(STUDY_STAGE_ENV, "")})
+        name = (f"stage {os.environ.get(STUDY_STAGE_ENV, '')} " if study_run else "") + f"sweep {config.task_name} {time.strftime('%Y-%m-%d %H:%M:%S')}" + (f" [{overrides}]" if overrides else "")
         run = self.client.create_run(exp_id, run_name=name[:250], tags=tags)
         self.parent_id = run.info.run_id
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -85,11 +99,11 @@ class MlflowSweepCallback(Callback):
 
     def _register(self, run_id: str, config: DictConfig) -> None:
         """The selected trial's model becomes mnist-mlp@champion; a registry error is reported, not fatal."""
-        from mnistlab.tracking.registry import register_champion
+        from mnistlab.tracking.registry import register_champion, test_examples
 
         try:
-            x_test = np.load(resolve(config.data.processed_dir, root_of(config.paths.root)) / "x_test.npy", mmap_mode="r")
-            register_champion(self.client, run_id, self.parent_id, (x_test[:5].reshape(5, -1) / 255.0).astype(np.float32))
+            examples = test_examples(resolve(config.data.processed_dir, root_of(config.paths.root)))
+            register_champion(self.client, run_id, self.parent_id, examples)
         except Exception as e:  # the sweep's results stand without the registry entry
             log.error("could not register the best model of run %s: %s", run_id, e)
 
@@ -151,7 +165,8 @@ class MlflowSweepCallback(Callback):
                 ", ".join(str(d) for d in out_dirs),
             )
             # only a study moves the champion (logger.register_champion, set by sweep=optimizers), not an ad-hoc sweep
-            if summary.get("best_run_id") and config.logger.get("register_champion"):
+            if (summary.get("best_run_id") and config.logger.get("register_champion")
+                    and not os.environ.get(STUDY_RUN_ENV)):  # a study registers once, after its last stage
                 self._register(summary["best_run_id"], config)  # the chosen config's best seed, on validation
         finally:
             end_run(self.client, self.parent_id, status)
@@ -170,33 +185,3 @@ def _job_error(job_return) -> str:
 
 def _in_sweep(config: DictConfig) -> bool:
     return str(config.hydra.mode) == "RunMode.MULTIRUN"
-
-
-def study_main(argv: list[str] | None = None) -> None:
-    """`mnistlab-study --seeds 3 --lrs 0.001 0.01 ... [hydra overrides]`: the study stage's command. DVC renders params.yaml's
-    `study` block as --key value arguments (its templating cannot put a YAML list into a Hydra override);
-    this turns them back into overrides and runs `mnistlab-train sweep=optimizers` (launcher=stacked unless one is
-    given), reporting into reports/."""
-    from omegaconf import OmegaConf
-
-    defaults = OmegaConf.load(CONF_DIR / "config.yaml").study
-    values: dict[str, list[str]] = {}
-    extra: list[str] = []  # key=value tokens pass through as Hydra overrides (a study value never holds "=")
-    key = None
-    for tok in sys.argv[1:] if argv is None else argv:
-        if "=" in tok:
-            extra.append(tok)
-        elif tok.startswith("--") and tok[2:] in defaults:
-            key = tok[2:]
-            values[key] = []
-        elif key is None:
-            raise SystemExit(f"error: mnistlab-study: unexpected argument {tok!r}; expected --<key> value... for "
-                             f"a key of the study block ({', '.join(defaults)}) in conf/config.yaml")
-        else:
-            values[key].append(tok)
-    overrides = [f"study.{k}=[{','.join(v)}]" if OmegaConf.is_list(defaults[k]) else f"study.{k}={v[0]}"
-                 for k, v in values.items()]
-    sys.argv = ["mnistlab-train", "sweep=optimizers", "paths.sweep_reports_dir=reports", *overrides, *extra]
-    from mnistlab.train import main
-
-    main()

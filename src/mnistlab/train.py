@@ -42,6 +42,7 @@ log = logging.getLogger("mnistlab.train")
 # `${sweep_values:${study.lrs}}` turns a YAML list into a Hydra sweep ("0.001,0.01"), so the study's grid is
 # plain config that `dvc exp run -S 'study.lrs=[0.01,0.1]'` can set.
 OmegaConf.register_new_resolver("sweep_values", lambda xs: ",".join(str(x) for x in xs), replace=True)
+OmegaConf.register_new_resolver("seed_range", lambda first, n: f"range({first},{int(first) + int(n)})", replace=True)
 
 
 def _hydra():

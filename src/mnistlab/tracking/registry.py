@@ -16,6 +16,15 @@ CHAMPION = "champion"
 MODEL_ARTIFACT = "model"  # the name train.py's log_model gives the model
 
 
+def test_examples(processed_dir: Path, n: int = 5):
+    """The first `n` test images as the model takes them (flat, scaled to [0, 1]): the registered model's input
+    example, read from data/processed without loading the data module."""
+    import numpy as np
+
+    x_test = np.load(Path(processed_dir) / "x_test.npy", mmap_mode="r")
+    return (x_test[:n].reshape(n, -1) / 255.0).astype(np.float32)
+
+
 def register_champion(client, run_id: str, sweep_run_id: str | None, input_example, name: str = MODEL_NAME) -> str | None:
     """Register the model of run `run_id` as a new version of `name`, point the alias `champion` at it and tag it
     with its run and sweep; returns the version, or None when the run has no model and no checkpoint. A run that

@@ -11,3 +11,8 @@ CONFIG_HASH_TAG = "mnistlab.config_hash"  # what changes a trial's result (track
 REUSED_TAG = "mnistlab.reused_from"  # on a sweep child that stands in for an earlier FINISHED run of the same hash
 SWEEP_DIR_TAG = "mnistlab.sweep_dir"  # on a parent run: the absolute sweep dir its trials must share
 CHECKPOINT_TAG = "mnistlab.tested_checkpoint"  # the file holding the weights a run's test scored (registry.py)
+STUDY_TAG = "mnistlab.study"  # "true" on a study's parent run (study.py); its children are stage sweeps
+STAGE_TAG = "mnistlab.stage"  # on a stage sweep: explore, refine, confirm or longer
+# how mnistlab-study hands its run and the stage to a stage's multirun (the sweep callback nests under it)
+STUDY_RUN_ENV = "MNISTLAB_STUDY_RUN_ID"
+STUDY_STAGE_ENV = "MNISTLAB_STUDY_STAGE"
