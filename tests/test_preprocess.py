@@ -310,7 +310,7 @@ def cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
 
 
 def assert_one_clean_error(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode != 0, proc
+    assert proc.returncode == 2, proc  # bad input: exit 2
     assert "Traceback" not in proc.stderr, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr

@@ -121,3 +121,12 @@ def test_every_readme_command_runs_as_written_in_a_fresh_clone(project_copy):
         activated = activated or cmd == ACTIVATE
     print("ran:", *ran, "skipped:", *skipped, sep="\n  ")
     assert activated and len(ran) >= 10
+
+
+def test_the_readmes_study_findings_are_the_committed_reports_study_md():
+    """The README quotes reports/study.md (make sweep: mnistlab-report --quote-into), never a hand-edited copy."""
+    from mnistlab.report import _findings_for_readme
+
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    block = readme.split("<!-- study-findings:begin -->\n", 1)[1].split("<!-- study-findings:end -->", 1)[0]
+    assert block.strip() == _findings_for_readme((PROJECT_ROOT / "reports" / "study.md").read_text()).strip()

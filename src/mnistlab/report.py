@@ -372,7 +372,7 @@ def findings_markdown(summary: dict) -> str:
     stages = ", ".join(f"{n} {st}" for st, n in s["stages"].items())
     confirmed = bool(s["confirmed"])
     lines = [
-        "# Findings of the sweep", "",
+        f"# Findings of the {'study' if len(s['stages']) > 1 else 'sweep'}", "",
         f"{s['trials']} trials ({stages}): {s['finished']} finished, {s['failed']} failed"
         + (f", {s['reused']} reused from earlier runs" if s["reused"] else "") + ". "
         f"Each config is **chosen on validation** (mean `val/acc_best` over seeds {_seed_span(s['seeds'])}, among configs "
@@ -513,8 +513,16 @@ def _longer_lines(s: dict) -> list[str]:
                    f"{_pm(c['test_mean'], c['test_ci_low'], c['test_ci_high'])} |")
     by_short = sorted(s["chosen"], key=lambda o: -s["chosen"][o]["val_mean"])
     by_long = sorted(s["longer"], key=lambda o: -s["longer"][o]["val_mean"])
-    out.append(f"\nRanking by val acc: {' > '.join(by_short)} at the study's budget, {' > '.join(by_long)} at the longer one"
-               + (" (unchanged)." if by_short == by_long else " (changed: the short budget's winner is not final)."))
+    vals = [c["val_mean"] for c in s["longer"].values()]
+    spread = max(vals) - min(vals)
+    mdds = [p["mdd"] for p in s["pairs"] if not math.isnan(p["mdd"])]
+    up = all(s["longer"][o]["val_mean"] > s["chosen"][o]["val_mean"] for o in s["longer"])
+    out.append(f"\nRanking by mean val acc: {' > '.join(by_short)} at the study's budget, {' > '.join(by_long)} at the "
+               f"longer one ({'unchanged' if by_short == by_long else 'changed'}). The longer budget's means lie within "
+               f"{spread * 100:.2f} pp of each other on {min(c['finished'] for c in s['longer'].values())} seeds"
+               + (f", under the smallest minimum detectable difference of the confirmation comparisons "
+                  f"({min(mdds) * 100:.2f} pp): no winner is resolved at either budget" if mdds and spread < min(mdds) else "")
+               + ("; more epochs raise every chosen config's val acc." if up else "."))
     return out
 
 
@@ -548,8 +556,9 @@ def sweep_figure(summary: dict):
             color = colors.get(bs)
             if ok:
                 y = np.array([c["val_mean"] for c in ok])
-                err = np.array([[0 if math.isnan(c["val_ci_low"]) else c["val_mean"] - c["val_ci_low"] for c in ok],
-                                [0 if math.isnan(c["val_ci_high"]) else c["val_ci_high"] - c["val_mean"] for c in ok]])
+                shown = [c["val_mean"] >= low and not math.isnan(c["val_ci_low"]) for c in ok]  # ▼ points: no bar
+                err = np.array([[c["val_mean"] - c["val_ci_low"] if v else 0 for c, v in zip(ok, shown)],
+                                [c["val_ci_high"] - c["val_mean"] if v else 0 for c, v in zip(ok, shown)]])
                 ax.errorbar([c["lr"] * scale for c in ok], np.clip(y, low, high), yerr=err, fmt="-o", color=color,
                             capsize=3, label=f"bs {bs}", ms=4)
             bad = [c for c in cs if c["collapsed"] or c["failed"]]
@@ -690,6 +699,8 @@ def main(argv: list[str] | None = None) -> None:
         if not found:
             raise SystemExit(f"error: no sweep found in MLflow experiment {args.experiment!r}; run one with `make sweep`.")
         parent = found[0].info.run_id
+        if found[0].data.tags.get(STAGE_TAG):  # a stage of a study: the study's report, all stages
+            parent = found[0].data.tags[PARENT_TAG]
     summary = write_sweep_report(client, parent, [args.out])
     print(json.dumps(metrics_json(summary), indent=2))
 
