@@ -7,8 +7,10 @@ import gzip
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +45,15 @@ def pytest_runtest_makereport(item, call):
         report.outcome = "failed"
         reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr
         report.longrepr = f"skipped, but MNISTLAB_REQUIRE_ALL=1 (CI) allows no skips: {reason}"
+
+
+@pytest.fixture(autouse=True)
+def _sigint_raises():
+    """Each test starts with Python's own Ctrl-C handler: in-process launcher code may leave SIGINT ignored, and a
+    subprocess inherits an ignored SIGINT (then a Ctrl-C test's child never sees it)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
 
 
 def pytest_collection_modifyitems(config, items):
