@@ -21,7 +21,10 @@ REPRODUCE_ARGS ?=
 
 .PHONY: setup repro mirror test test-fast ui server sweep bench params clean-stale reproduce
 
+# After the install, `source .venv/bin/activate` also points the `mlflow` CLI at the project's store (once per venv).
 setup: $(STAMP)
+	@grep -q 'mnistlab-runs activate-hook' $(BIN)/activate || \
+	  $(BIN)/mnistlab-runs activate-hook $(if $(MLRUNS),paths.mlruns_dir=$(abspath $(MLRUNS))) >> $(BIN)/activate
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

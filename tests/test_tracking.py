@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 
@@ -16,7 +18,7 @@ import torch
 from mlflow import MlflowClient
 
 from conftest import BIN, PROJECT_ROOT, cli_env, compose, fast_overrides, run_train, store_runs
-from mnistlab.tracking.store import default_tracking_uri
+from mnistlab.tracking.store import VENV_URI_ENV, default_tracking_uri, resolve_tracking_uri
 from mnistlab.train import train
 
 ARTIFACTS = {"config.yaml", "overrides.txt", "curves.png", "confusion_matrix.png", "misclassified.png", "checkpoints",
@@ -251,3 +253,42 @@ def test_the_run_records_the_precision_it_trained_in(tmp_path, processed_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     _, (run,) = store_runs(tmp_path / "mlruns")
     assert run.data.params["precision"] == "bf16-mixed"
+
+
+def test_the_mlflow_cli_of_an_activated_venv_sees_the_projects_store(tmp_path, monkeypatch):
+    """After `source .venv/bin/activate`, `mlflow experiments search` read a new ./mlflow.db wherever it was typed.
+    make setup's hook points the CLI at the project's store, leaves a user's MLFLOW_TRACKING_URI alone, and
+    deactivate takes it back; mnistlab itself still follows paths.mlruns_dir under the hook's URI."""
+    venv, store, elsewhere = tmp_path / "venv", tmp_path / "mlruns", tmp_path / "elsewhere"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    (venv / "bin" / "mnistlab-runs").symlink_to(BIN / "mnistlab-runs")
+    digest = hashlib.sha256((PROJECT_ROOT / "pyproject.toml").read_bytes()).hexdigest()[:16]
+    (venv / f".installed-{digest}").touch()  # the install is done: `make setup` only adds the hook
+    for _ in range(2):
+        made = subprocess.run(["make", "--no-print-directory", "setup", f"VENV={venv}", f"MLRUNS={store}"],
+                              cwd=PROJECT_ROOT, env=cli_env(), capture_output=True, text=True, timeout=120)
+        assert made.returncode == 0, made.stderr
+    assert (venv / "bin" / "activate").read_text().count("mnistlab-runs activate-hook") == 1
+    MlflowClient(default_tracking_uri(store)).create_experiment("hook-check")
+    elsewhere.mkdir()
+
+    def shell(script: str, **env) -> str:
+        done = subprocess.run(["bash", "-c", f"source {venv}/bin/activate && {script}"], cwd=elsewhere,
+                              env=cli_env(**env), capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    assert "hook-check" in shell(f"{BIN / 'mlflow'} experiments search")
+    assert not list(elsewhere.iterdir()), "the CLI opened a store of its own"
+    assert shell('deactivate; echo "[${MLFLOW_TRACKING_URI-unset}] [${MLFLOW_BACKEND_STORE_URI-unset}]"').split() == [
+        "[unset]", "[unset]"]
+    team = "http://team-server:5000"
+    assert shell('echo "$MLFLOW_TRACKING_URI"; deactivate; echo "$MLFLOW_TRACKING_URI"',
+                 MLFLOW_TRACKING_URI=team).split() == [team, team]
+
+    hook_uri = default_tracking_uri(store)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", hook_uri)
+    monkeypatch.setenv(VENV_URI_ENV, hook_uri)
+    assert resolve_tracking_uri(None, tmp_path / "other") == default_tracking_uri(tmp_path / "other")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", team)
+    assert resolve_tracking_uri(None, tmp_path / "other") == team

@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mnistlab.checkpoints import integrity_problem, is_file_path
 from mnistlab.paths import resolve, workspace_root
-from mnistlab.tracking.store import DB_NAME
+from mnistlab.tracking.store import DB_NAME, env_tracking_uri
 
 MLP_TARGET = "mnistlab.nets.MLP"  # the book's net (conf/model/mlp.yaml); checkpoints from before _target_ hold it
 MNIST_TRAIN_SIZE = 60000
@@ -218,7 +218,7 @@ def _store_problems(cfg: DictConfig, root) -> list[str]:
     import shutil
     import sqlite3
 
-    if cfg.logger.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI"):
+    if cfg.logger.get("tracking_uri") or env_tracking_uri():
         return []  # a server or another store: MLflow reports its own errors
     mlruns = resolve(cfg.paths.mlruns_dir, workspace_root(root))
     try:

@@ -1,4 +1,4 @@
-"""`mnistlab-runs clean-stale`: mark RUNNING runs whose process is gone as KILLED.
+"""`mnistlab-runs clean-stale`: mark RUNNING runs whose process is gone as KILLED (and `ui`, `activate-hook`).
 
 A SIGKILL (or a power cut) cannot be caught, so such a run would stay RUNNING forever; each run records
 its host, pid and process start time, which tells a dead process from a live one (or a reused pid).
@@ -12,7 +12,7 @@ import socket
 import psutil
 
 from mnistlab.tracking.status import end_run
-from mnistlab.tracking.store import artifact_location, ensure_experiment, project_store
+from mnistlab.tracking.store import VENV_URI_ENV, artifact_location, default_tracking_uri, ensure_experiment, project_store
 from mnistlab.tracking.tags import HOST_TAG, PID_TAG, PROC_START_TAG
 from mnistlab.tracking.ui import runs_url, set_experiment_view
 
@@ -96,6 +96,25 @@ def serve_ui(host: str, port: int, experiment: str | None = None, overrides: lis
     os.execv(mlflow, args)
 
 
+def activate_hook(uri: str) -> str:
+    """Lines for .venv/bin/activate (make setup appends them): the `mlflow` CLI (runs, experiments, ui) of an activated
+    shell sees the project's store instead of opening a new ./mlflow.db, unless MLFLOW_TRACKING_URI already names a
+    store; `deactivate` takes back what it set. mnistlab itself tells this URI from a user's by VENV_URI_ENV."""
+    return f"""
+# mnistlab: the mlflow CLI sees the project's store (mnistlab-runs activate-hook)
+if [ -z "${{MLFLOW_TRACKING_URI:-}}" ]; then
+    export MLFLOW_TRACKING_URI="{uri}" MLFLOW_BACKEND_STORE_URI="{uri}" {VENV_URI_ENV}="{uri}"
+fi
+eval "_mnistlab_venv_deactivate () $(declare -f deactivate | tail -n +2)"
+deactivate () {{
+    if [ -n "${{{VENV_URI_ENV}:-}}" ]; then
+        unset MLFLOW_TRACKING_URI MLFLOW_BACKEND_STORE_URI {VENV_URI_ENV}
+    fi
+    _mnistlab_venv_deactivate "$@"
+}}
+"""
+
+
 def main(argv: list[str] | None = None) -> None:
     from mlflow import MlflowClient
 
@@ -110,7 +129,12 @@ def main(argv: list[str] | None = None) -> None:
     ui.add_argument("--port", type=int, default=5000)
     ui.add_argument("--experiment", default=None, help="default: logger.experiment_name in conf/")
     ui.add_argument("overrides", nargs="*", help="config overrides, e.g. paths.mlruns_dir=/elsewhere")
+    hook = sub.add_parser("activate-hook", help="lines for .venv/bin/activate that point the mlflow CLI at the store")
+    hook.add_argument("overrides", nargs="*", help="config overrides, e.g. paths.mlruns_dir=/elsewhere")
     args = ap.parse_args(argv)
+    if args.command == "activate-hook":
+        print(activate_hook(default_tracking_uri(project_store(args.overrides)[2])))
+        return
     if args.command == "ui":
         serve_ui(args.host, args.port, args.experiment, args.overrides)
         return

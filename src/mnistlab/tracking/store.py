@@ -19,9 +19,20 @@ def default_tracking_uri(mlruns_dir: Path) -> str:
     return f"sqlite:///{Path(mlruns_dir).resolve() / DB_NAME}?timeout={SQLITE_BUSY_TIMEOUT_S}"
 
 
+# Set by the Makefile's hook in .venv/bin/activate to the URI it exported for the `mlflow` CLI: that is the project's
+# own store, not a team server, so paths.mlruns_dir still decides.
+VENV_URI_ENV = "MNISTLAB_VENV_TRACKING_URI"
+
+
+def env_tracking_uri() -> str | None:
+    """$MLFLOW_TRACKING_URI when the user set it (a team server or another store), None when unset or the venv's."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    return None if uri and uri == os.environ.get(VENV_URI_ENV) else uri or None
+
+
 def resolve_tracking_uri(configured: str | None, mlruns_dir: Path) -> str:
     """Config key first, then $MLFLOW_TRACKING_URI (a team server), then the project's own SQLite store."""
-    return configured or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(mlruns_dir)
+    return configured or env_tracking_uri() or default_tracking_uri(mlruns_dir)
 
 
 def artifact_location(mlruns_dir: Path) -> str:
