@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, PROJECT_ROOT, cli_env
+from conftest import BIN, PROJECT_ROOT, cli_env, free_port
 
 INSTALL = "apt-get update && apt-get install -y slurm-wlm munge postgresql   (as root)"
 SLURM_TOOLS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scancel", "scontrol", "sinfo")
@@ -60,12 +60,6 @@ def require_cluster() -> None:
     if os.environ.get("MNISTLAB_REQUIRE_CLUSTER") == "1":
         pytest.fail(f"cluster tests required (MNISTLAB_REQUIRE_CLUSTER=1) but cannot run: {reason}", pytrace=False)
     pytest.skip(f"cluster tests skipped: {reason}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(check, what: str, timeout: float = 60, procs=()) -> None:

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -217,6 +218,31 @@ def store_runs(mlruns: Path, experiment: str = "mnistlab") -> tuple:
     client = MlflowClient(default_tracking_uri(mlruns))
     exp = client.get_experiment_by_name(experiment)
     return client, (client.search_runs([exp.experiment_id], max_results=1000) if exp else [])
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def checkpoint_test_acc(ckpt: Path, processed: Path) -> float:
+    """The test accuracy of a checkpoint's weights on the test split, computed here in one plain pass: an independent
+    check of the number a run's own test loop (Lightning, DDP, a stacked member) recorded."""
+    import torch  # here, not at the top: torch reads OMP_NUM_THREADS (set above) when first imported
+
+    from mnistlab.data.datamodule import MnistDataModule
+    from mnistlab.model import MnistMLP
+
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    model = MnistMLP(**state["hyper_parameters"])
+    model.load_state_dict(state["state_dict"])
+    dm = MnistDataModule(processed, 32, 100, 0, validation=False)
+    dm.setup()
+    x, y = dm.split("test")
+    with torch.no_grad():
+        return (model.eval()(x).argmax(1) == y).float().mean().item()
 
 
 def read_csv(path: Path) -> list[dict]:

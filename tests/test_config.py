@@ -79,6 +79,9 @@ def test_chollet_experiment_is_the_books_setup():
         ("model.dropout=1.5", "model.dropout"),
         ("model.hidden_sizes=[512,0]", "model.hidden_sizes"),
         ("optimizer.alpha=1.0", "optimizer.alpha"),
+        # two validations in one epoch collapsed onto one MLflow step (issue 24): refused
+        ("+trainer.val_check_interval=0.5", "trainer.val_check_interval"),
+        ("+trainer.val_check_interval=1", "trainer.val_check_interval"),  # an int: every batch
     ],
 )
 def test_bad_value_is_named_with_its_rule(override, key):

@@ -83,7 +83,7 @@ def test_param_change_reruns_only_preprocess(project_copy, fake_source):
 
 def test_changed_mirror_is_reimported(project_copy, fake_source):
     """data.dvc is an unfrozen import: new content at the remote is fetched by the next repro."""
-    proj, (mirror, arrays) = project_copy, fake_source
+    proj, (mirror, _) = project_copy, fake_source
     set_params(proj, "data.verify_checksums=false", "data.val_size=100")
     redirect(proj, mirror)
     dvc(proj, "repro", "preprocess")

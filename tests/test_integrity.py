@@ -18,7 +18,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import pytest
-from conftest import BIN, PROJECT_ROOT, cli_env, fast_overrides, run_train, store_runs
+import torch
+from conftest import BIN, PROJECT_ROOT, cli_env, fast_overrides, read_csv, run_train, store_runs
 from omegaconf import OmegaConf
 
 from mnistlab.tracking.resume import config_hash
@@ -102,6 +103,21 @@ def test_a_resumed_run_records_what_it_resumed_and_is_not_a_fresh_trial(tmp_path
     assert new.data.tags["mnistlab.config_hash"] != resumed.data.tags["mnistlab.config_hash"]
     assert "mnistlab.reused_from" not in new.data.tags, "a resumed run must not stand in for a fresh trial"
 
+    # resumed into another checkpoint dir, the run keeps the best it resumed from (Lightning dropped its score and
+    # warned, so the first resumed epoch became best.ckpt however it scored)
+    assert "dirpath has changed" not in proc.stderr
+    client = store_runs(tmp_path / "mlruns")[0]
+    (epoch2,) = [m.value for m in client.get_metric_history(resumed.info.run_id, "val/acc")]
+    old_best = _best_score(checkpoint)
+    assert _best_score(tmp_path / "out" / "checkpoints" / "last.ckpt") == pytest.approx(max(old_best, epoch2))
+    assert (tmp_path / "out" / "checkpoints" / "best.ckpt").is_file() and checkpoint.with_name("best.ckpt").is_file()
+
+
+def _best_score(ckpt: Path) -> float:
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["callbacks"]
+    (score,) = [v["best_model_score"] for k, v in state.items() if k.startswith("ModelCheckpoint")]
+    return float(score)
+
 
 def test_the_config_hash_covers_what_a_run_resumed_from():
     cfg = OmegaConf.create({"optimizer": {"lr": 0.1}, "seed": 0, "ckpt_path": "/a/last.ckpt"})
@@ -183,16 +199,83 @@ def test_a_store_that_fails_mid_run_loses_no_local_result(tmp_path, processed_di
     assert client.get_run(run.info.run_id).info.status == "KILLED"
 
 
-@pytest.fixture
-def tiny_disk(tmp_path):
-    """A 4 MiB tmpfs (a full disk in miniature); needs root, as CI has."""
-    mount = tmp_path / "disk"
+def _tmpfs(mount: Path, size: str):
+    """A tmpfs of `size` at `mount` (a disk that fills in seconds); needs root, as CI has."""
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True, text=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """4 MiB: full before a run starts."""
+    yield from _tmpfs(tmp_path / "disk", "4m")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """40 MiB: room for a run to start, filled during it by FillDisk."""
+    yield from _tmpfs(tmp_path / "disk", "40m")
+
+
+class FillDisk(pl.Callback):
+    """At the start of epoch `epoch`, fill the disk under `folder` (another program's download, a log that grew)."""
+
+    def __init__(self, folder: str, epoch: int = 1):
+        self.folder, self.epoch = Path(folder), epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            with open(self.folder / "filler", "wb") as f:
+                try:
+                    while True:
+                        f.write(b"\0" * (1 << 16))
+                        f.flush()
+                except OSError:
+                    pass
+
+
+def _train_with(tmp_path, processed_dir, *extra):
+    return subprocess.run(
+        [sys.executable, "-m", "mnistlab.train", *fast_overrides(tmp_path, processed_dir, epochs=3),
+         f"hydra.run.dir={tmp_path / 'hydra'}", *extra],
+        cwd=PROJECT_ROOT, env=cli_env(PYTHONPATH=str(PROJECT_ROOT / "tests")), capture_output=True, text=True,
+        timeout=300)
+
+
+def test_a_run_dir_whose_disk_fills_mid_run_fails_in_one_paragraph_with_no_partial_file(tmp_path, processed_dir,
+                                                                                         small_disk):
+    """Issue 23: the run dir on a full tmpfs gave exit 1, a 66-line traceback and a 2 MB best.ckpt that was not a zip.
+    Now: exit 1, one paragraph naming the disk and the fix, the run FAILED, and every file left whole."""
+    out = small_disk / "out"
+    proc = _train_with(tmp_path, processed_dir, f"paths.output_dir={out}", "+callbacks.fill._target_=test_integrity.FillDisk",
+                       f"+callbacks.fill.folder={small_disk}")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "error: the disk is full (No space left on device" in proc.stderr
+    assert "paths.output_dir" in proc.stderr, proc.stderr[-3000:]
+    _, (run,) = store_runs(tmp_path / "mlruns")
+    assert run.info.status == "FAILED" and "No space left" in run.data.tags["mnistlab.error"]
+    for ckpt in out.rglob("*.ckpt*"):
+        assert ckpt.suffix == ".ckpt" and zipfile.ZipFile(ckpt).testzip() is None, ckpt  # whole, no temp left
+    assert not (out / "metrics.json").exists()
+
+
+def test_a_store_whose_disk_fills_mid_run_loses_no_local_result(tmp_path, processed_dir, small_disk):
+    """Issue 23: with only the store's disk full, training and test finished but metrics.json, curves.csv and
+    timing.json were never written. Now they are, and the exit status says the run was not recorded (3)."""
+    proc = _train_with(tmp_path, processed_dir, f"paths.mlruns_dir={small_disk / 'mlruns'}", "logger.log_model=false",
+                       "+callbacks.fill._target_=test_integrity.FillDisk", f"+callbacks.fill.folder={small_disk}")
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and proc.stderr.count("error: the MLflow store") == 1, proc.stderr[-3000:]
+    out = tmp_path / "out"
+    assert json.loads((out / "metrics.json").read_text())["epochs"] == 3
+    assert len(read_csv(out / "curves.csv")) == 3 and (out / "timing.json").is_file()
+    status = json.loads((tmp_path / "hydra" / ".mnistlab_trial.json").read_text())
+    assert status["status"] == "FINISHED" and status["error"].startswith("not recorded in MLflow")
 
 
 def test_a_full_store_disk_or_a_store_damaged_inside_is_refused_at_start_up(tmp_path, processed_dir, tiny_disk):
@@ -205,7 +288,7 @@ def test_a_full_store_disk_or_a_store_damaged_inside_is_refused_at_start_up(tmp_
             pass
     proc = run_train(PROJECT_ROOT, *fast_overrides(tmp_path, processed_dir), f"paths.mlruns_dir={full}")
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "MiB free, less than a run records" in proc.stderr and "Traceback" not in proc.stderr
+    assert "MiB free, less than a run writes there" in proc.stderr and "Traceback" not in proc.stderr
 
     # a store damaged mid-file: its header still reads, quick_check finds the rest
     from mlflow import MlflowClient

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import PROJECT_ROOT, compose, fast_overrides, write_npz
+from conftest import PROJECT_ROOT, checkpoint_test_acc, compose, fast_overrides, read_csv, write_npz
 from mnistlab.config import ConfigError, validate
 
 BEGIN, END = "<!-- reproduce:begin -->", "<!-- reproduce:end -->"
@@ -127,8 +125,6 @@ def test_validation_free_trains_on_all_training_images_in_the_raw_order(tmp_path
 def test_validation_free_run_logs_no_val_metrics_and_tests_the_last_weights(tmp_path, processed_dir):
     from mlflow import MlflowClient
 
-    from mnistlab.data.datamodule import MnistDataModule
-    from mnistlab.model import MnistMLP
     from mnistlab.train import train
     from mnistlab.tracking.store import default_tracking_uri
 
@@ -153,22 +149,10 @@ def test_validation_free_run_logs_no_val_metrics_and_tests_the_last_weights(tmp_
     last = torch.load(ckpts / "last.ckpt", weights_only=True)
     kept = torch.load(ckpts / "best.ckpt", weights_only=True)  # the checkpoint callback's file: the last epoch too
     assert last["epoch"] == kept["epoch"] == 2
-    model = MnistMLP(**last["hyper_parameters"])
-    model.load_state_dict(last["state_dict"])
-    dm = MnistDataModule(processed_dir, 32, 100, 0, validation=False)
-    dm.setup()
-    x, y = dm.split("test")
-    with torch.no_grad():
-        acc = (model(x).argmax(1) == y).float().mean().item()
-    assert metrics["test/acc"] == pytest.approx(acc, abs=1e-6)
+    assert metrics["test/acc"] == pytest.approx(checkpoint_test_acc(ckpts / "last.ckpt", processed_dir), abs=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------ reproduce
-def _curves(path: Path) -> list[dict]:
-    with open(path) as f:
-        return list(csv.DictReader(f))
-
-
 def test_reproduce_report_equals_a_direct_computation_from_the_runs(tmp_path, processed_dir):
     from mlflow import MlflowClient
     from scipy import stats
@@ -199,7 +183,7 @@ def test_reproduce_report_equals_a_direct_computation_from_the_runs(tmp_path, pr
         dirs = sorted((tmp_path / "logs" / "reproduce").glob(f"*/{preset}-seed*"))
         assert len(dirs) == 2
         test = [json.loads((d / "metrics.json").read_text())["test/acc"] for d in dirs]
-        train_hist = [[float(r["train/acc"]) for r in _curves(d / "curves.csv")] for d in dirs]
+        train_hist = [[float(r["train/acc"]) for r in read_csv(d / "curves.csv")] for d in dirs]
         train = [h[-1] for h in train_hist]
         s = saved["summary"][preset]
         assert s["test/acc"]["mean"] == pytest.approx(np.mean(test), abs=1e-6)

@@ -7,14 +7,12 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
-import sys
 
 import hydra
 import numpy as np
 import pytest
 from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
-from omegaconf import OmegaConf
 
 from conftest import PROJECT_ROOT, cli_env, compose, fake_mnist, fast_overrides, run_train, store_runs, write_npz
 from mnistlab.config import problems

@@ -17,7 +17,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import BIN, PROJECT_ROOT, cli_env, compose, fast_overrides, run_train, store_runs
+from conftest import BIN, PROJECT_ROOT, cli_env, compose, fast_overrides, free_port, run_train, store_runs
 from mnistlab.tracking.store import VENV_URI_ENV, default_tracking_uri, resolve_tracking_uri
 from mnistlab.train import train
 
@@ -134,12 +134,6 @@ def test_interrupt_or_sigterm_ends_killed(tmp_path, processed_dir, signum, error
     assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(url: str):
     with urllib.request.urlopen(url, timeout=10) as r:
         return json.loads(r.read())
@@ -154,7 +148,7 @@ def _post(url: str, body: dict):
 @pytest.mark.slow
 def test_mlflow_server_serves_runs_and_metric_histories(finished_run):
     tmp, client, run, metrics = finished_run
-    port = _free_port()
+    port = free_port()
     # `make ui` as the README gives it (mlflow ui on loopback over the project's store), pointed at this store
     server = subprocess.Popen(
         ["make", "--no-print-directory", "-o", "setup", "ui", f"MLRUNS={tmp / 'mlruns'}", f"UI_PORT={port}", f"VENV={BIN.parent}"],

@@ -4,11 +4,15 @@ names and values they share with the model, the CSV, the plots and MLflow."""
 from __future__ import annotations
 
 import math
+import os
+import shutil
+from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 
+from mnistlab.checkpoints import integrity_problem
 from mnistlab.metrics import CURVE_KEYS
 
 
@@ -21,6 +25,27 @@ def clean_float(v) -> float:
     v = float(v.item() if hasattr(v, "item") else v)
     f32 = np.float32(v)
     return float(str(f32)) if np.isfinite(f32) and float(f32) == v else v
+
+
+class ModelCheckpoint(pl.callbacks.ModelCheckpoint):
+    """Lightning's, but a run resumed into another checkpoint dir keeps the best it resumes from: Lightning drops
+    best_model_score there, so the first resumed epoch replaced best.ckpt however it scored. The resumed-from best
+    file is copied in (verified, atomically) and keeps its score; the old run's files are never touched."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        old = Path(state_dict.get("best_model_path") or "")
+        if state_dict.get("dirpath", self.dirpath) == self.dirpath or self.dirpath is None or not old.is_file() or (
+                state_dict.get("best_model_score") is None or self.save_top_k != 1 or integrity_problem(old)):
+            return super().load_state_dict(state_dict)  # Lightning's own rules (and its warning)
+        new = Path(self.dirpath) / old.name
+        new.parent.mkdir(parents=True, exist_ok=True)
+        tmp = new.with_name(f".{new.name}.tmp-{os.getpid()}")
+        shutil.copyfile(old, tmp)
+        os.replace(tmp, new)
+        self.best_model_score = state_dict["best_model_score"]
+        self.best_model_path = self.kth_best_model_path = str(new)
+        self.kth_value = self.best_model_score
+        self.best_k_models = {str(new): self.best_model_score}
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import sqlite3
 import sys
 from numbers import Real
 from pathlib import Path
@@ -75,6 +78,12 @@ def problems(cfg: DictConfig) -> list[str]:
         "trainer.log_every_n_steps",
         "must be an integer >= 1",
     )
+    # curves.csv, the epoch charts and val/acc_best hold one validation per epoch; a second one inside an epoch
+    # would land on the same x
+    interval = trainer.get("val_check_interval")
+    check(interval is None or (isinstance(interval, float) and interval == 1.0), "trainer.val_check_interval",
+          "mnistlab validates, checkpoints and charts once per epoch: drop it, validate less often with "
+          "trainer.check_val_every_n_epoch=N, or shorten an epoch with trainer.limit_train_batches")
     check(_int(cfg.seed) and 0 <= cfg.seed <= MAX_SEED, "seed", f"must be an integer in 0..{MAX_SEED} (numpy's seed range)")
     check(cfg.num_threads is None or (_int(cfg.num_threads) and cfg.num_threads >= 1), "num_threads", "null or >= 1")
     check(cfg.test_ckpt in ("best", "last"), "test_ckpt", "must be 'best' or 'last'")
@@ -210,14 +219,23 @@ def _checkpoint_problems(path) -> list[str]:
 
 
 STORE_MIN_FREE = 32 * 2**20  # what one run writes into the store, with room to spare
+RUN_MIN_FREE = 32 * 2**20  # what one run writes into its own folder (two checkpoints, plots, curves), with room
+
+
+def low_disk_problem(folder: Path, key: str, need: int, what: str) -> str | None:
+    """`folder`'s disk (its nearest existing parent's) has less than `need` bytes free: say so, naming `key`."""
+    folder = Path(folder)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if free >= need:
+        return None
+    return (f"{key}={str(folder)!r}: its disk has {free / 2**20:.1f} MiB free, less than a run writes there "
+            f"({need / 2**20:.0f} MiB: {what}); free space there or point {key} at another disk")
 
 
 def _store_problems(cfg: DictConfig, root) -> list[str]:
     """The project's SQLite store: its folder creatable and writable, its database a readable SQLite file."""
-    import os
-    import shutil
-    import sqlite3
-
     if cfg.logger.get("tracking_uri") or env_tracking_uri():
         return []  # a server or another store: MLflow reports its own errors
     mlruns = resolve(cfg.paths.mlruns_dir, workspace_root(root))
@@ -229,11 +247,9 @@ def _store_problems(cfg: DictConfig, root) -> list[str]:
     except OSError as e:
         return [f"paths.mlruns_dir={str(mlruns)!r}: the MLflow store's folder is not usable ({e.strerror or e}); "
                 f"point paths.mlruns_dir at a writable folder, or use logger=none"]
-    free = shutil.disk_usage(mlruns).free
-    if free < STORE_MIN_FREE:
-        return [f"paths.mlruns_dir={str(mlruns)!r}: its disk has {free / 2**20:.1f} MiB free, less than a run records "
-                f"({STORE_MIN_FREE / 2**20:.0f} MiB: checkpoint, plots, model); free space there or point "
-                f"paths.mlruns_dir at another disk"]
+    short = low_disk_problem(mlruns, "paths.mlruns_dir", STORE_MIN_FREE, "checkpoint, plots, model")
+    if short:
+        return [short]
     db = mlruns / DB_NAME
     if db.is_file() and db.stat().st_size:
         try:  # quick_check reads the whole file (0.02 s for 50 MB here): damage inside it, not only its header

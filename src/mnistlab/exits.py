@@ -6,6 +6,7 @@ None, i.e. exit status 0; the original cause survives in the exception chain, wh
 
 from __future__ import annotations
 
+import errno
 import signal
 import threading
 
@@ -27,6 +28,24 @@ def interrupt_exit_code(exc: BaseException | None) -> int | None:
             return EXIT_SIGINT
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+def disk_full(exc: BaseException | None) -> OSError | None:
+    """The "No space left on device" error in `exc`'s chain (a checkpoint, plot or CSV write), if any."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def disk_full_message(e: OSError) -> str:
+    where = f" writing {e.filename}" if e.filename else ""
+    return (f"the disk is full ({e.strerror}{where}): the run ended FAILED and left no partial file (checkpoints "
+            "and results are written whole or not at all). Free space there, or point paths.output_dir (or "
+            "hydra.run.dir) at another disk, and run it again.")
 
 
 def raise_on_sigterm(signum, frame) -> None:

@@ -15,10 +15,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from mnistlab.checkpoints import is_file_path, resume_problem
 from mnistlab.config import (
-    ConfigError, effective_test_ckpt, override_problems, validate, validate_inputs, with_run_overrides,
+    RUN_MIN_FREE, ConfigError, effective_test_ckpt, low_disk_problem, override_problems, validate, validate_inputs,
+    with_run_overrides,
 )
 from mnistlab.data.mnist_files import MnistDataError
-from mnistlab.exits import EXIT_NOT_RECORDED, install_sigterm_handler, interrupt_exit_code
+from mnistlab.exits import (
+    EXIT_NOT_RECORDED, disk_full, disk_full_message, install_sigterm_handler, interrupt_exit_code,
+)
 from mnistlab.instantiators import build_trainer
 from mnistlab.launch_context import installed_fit
 from mnistlab.metrics import OBJECTIVE, TEST_KEYS
@@ -67,6 +70,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     root = root_of(cfg.paths.root)
     validate_inputs(cfg, root)
     dirs = output_dirs(cfg.paths, root, hc)
+    short = low_disk_problem(dirs.checkpoints, "paths.output_dir", RUN_MIN_FREE, "checkpoints, plots, curves")
+    if short:
+        raise ConfigError(short)
     threads = configure_threads(cfg.num_threads, parallel_jobs(hc), bool(cfg.flush_denormal))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
 
@@ -195,6 +201,9 @@ def hydra_main(cfg: DictConfig) -> float | None:
             if isinstance(e, (ConfigError, MnistDataError)):
                 print(f"error: {e}", file=sys.stderr)
                 sys.exit(2)
+            if disk_full(e):  # one paragraph, not Lightning's traceback
+                print(f"error: {disk_full_message(disk_full(e))}", file=sys.stderr)
+                sys.exit(1)
             raise
         # A sweep goes on past a failed trial: the run is FAILED in MLflow, the sweep callback reports it
         # and makes the multirun exit non-zero at the end.

@@ -43,6 +43,7 @@ the epoch; per-step ones (`*_step`) keep the global step. Values lose their floa
         super().__init__(*args, **kwargs)
         self.run = run  # whose store_error says the store has failed
         self._pending: list = []
+        self._last_step_values: dict[str, float] = {}
         # what MLFlowLogger passes to log_batch itself (it keeps it in a private attribute)
         self.batch_kwargs = {} if kwargs.get("synchronous") is None else {"synchronous": kwargs["synchronous"]}
 
@@ -56,7 +57,12 @@ the epoch; per-step ones (`*_step`) keep the global step. Values lose their floa
         epoch_level = any(k != "epoch" and not k.endswith("_step") for k in metrics)
         if epoch_level and "epoch" in metrics:  # charted against the epoch (1, 2, ...), as in curves.csv
             step = int(metrics["epoch"]) + 1
-        self._pending += [Metric(k, clean_float(v), ts, step or 0) for k, v in metrics.items() if not isinstance(v, str)]
+        metrics = {k: clean_float(v) for k, v in metrics.items() if not isinstance(v, str)}
+        # Once a fit should stop (max_time, early stopping) Lightning flushes its cached step metrics on every step:
+        # a `*_step` value equal to the last one written is that stale cache, not a new point.
+        stale = {k for k, v in metrics.items() if k.endswith("_step") and self._last_step_values.get(k) == v}
+        self._last_step_values.update({k: v for k, v in metrics.items() if k.endswith("_step")})
+        self._pending += [Metric(k, v, ts, step or 0) for k, v in metrics.items() if k not in stale]
         if epoch_level or len(self._pending) >= self.MAX_PENDING:
             self.flush()
 
