@@ -9,10 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from mlflow import MlflowClient
 
-from conftest import checkpoint_test_acc, dvc, fake_mnist, write_npz
-from mnistlab.tracking.store import default_tracking_uri
+from conftest import checkpoint_test_acc, dvc, fake_mnist, store_runs, write_npz
 
 # Fixture data is not MNIST: verification off; small and fast.
 FAST = ["data.verify_checksums=false", "data.val_size=100", "trainer.max_epochs=1", "data.batch_size=64",
@@ -32,9 +30,7 @@ def exp_repo(project_copy, tmp_path) -> Path:
 
 
 def _runs(repo: Path):
-    client = MlflowClient(default_tracking_uri(repo / "mlruns"))
-    exp = client.get_experiment_by_name("mnistlab")
-    return client.search_runs([exp.experiment_id], max_results=100) if exp else []
+    return store_runs(repo / "mlruns")[1]
 
 
 def _exp_table(repo: Path) -> dict[str, tuple[str, float | None]]:

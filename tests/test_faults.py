@@ -14,7 +14,7 @@ import lightning.pytorch as pl
 import pytest
 from mlflow import MlflowClient
 
-from conftest import PROJECT_ROOT, cli_env, dvc, fast_overrides, meta, read_csv, redirect, set_params
+from conftest import PROJECT_ROOT, cli_env, dvc, fast_overrides, meta, read_csv, redirect, set_params, store_runs
 from mnistlab.tracking.store import default_tracking_uri
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -49,12 +49,6 @@ def _start(args: list[str], cwd: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _runs(mlruns: Path):
-    client = MlflowClient(default_tracking_uri(mlruns))
-    exp = client.get_experiment_by_name("mnistlab")
-    return client.search_runs([exp.experiment_id], max_results=1000) if exp else []
-
-
 def _sweep_args(tmp: Path, processed: Path) -> list[str]:
     """A multirun on fixture data; unlike fast_overrides, Hydra picks the dirs (no paths.output_dir)."""
     return [
@@ -73,7 +67,7 @@ def test_signal_during_a_run_gives_the_shell_status_and_a_killed_run(tmp_path, p
     proc = _train(fast_overrides(tmp_path, processed_dir, epochs=3) + SIGNAL_AT_EPOCH
                   + [f"+callbacks.interrupt.signum={int(signum)}"])
     assert proc.returncode == code, proc.stderr[-3000:]
-    (run,) = _runs(tmp_path / "mlruns")
+    (run,) = store_runs(tmp_path / "mlruns")[1]
     assert run.info.status == "KILLED" and error in run.data.tags["mnistlab.error"]
     assert not (tmp_path / "out" / "metrics.json").exists()
 
@@ -83,7 +77,7 @@ def test_sigterm_stops_a_sweep_with_143_and_nothing_left_running(tmp_path, proce
     proc = _train(_sweep_args(tmp_path, processed_dir) + ["launcher=basic", "optimizer=sgd,rmsprop", "trainer.max_epochs=3",
                                                           *SIGNAL_AT_EPOCH, f"+callbacks.interrupt.signum={int(signal.SIGTERM)}"])
     assert proc.returncode == 143, proc.stderr[-3000:]
-    runs = _runs(tmp_path / "mlruns")
+    runs = store_runs(tmp_path / "mlruns")[1]
     statuses = sorted((r.data.tags.get("mnistlab.sweep", "trial"), r.info.status) for r in runs)
     assert statuses == [("trial", "KILLED"), ("true", "KILLED")], "the sweep stops at the first trial's SIGTERM"
 
@@ -109,7 +103,7 @@ def test_a_killed_trial_process_is_failed_and_the_sweep_goes_on(tmp_path, proces
     assert proc.returncode == 1, err[-3000:]  # the report is written, but an incomplete sweep is not a success
     reason = "SIGKILL" if launcher == "joblib" else "died without a result"  # submitit does not pass the signal on
     assert "1 of 3 trials were stopped or died before they ended" in err and reason in err
-    runs = _runs(tmp_path / "mlruns")
+    runs = store_runs(tmp_path / "mlruns")[1]
     trials = {float(r.data.params["lr"]): r for r in runs if "mlflow.parentRunId" in r.data.tags}
     assert {lr: r.info.status for lr, r in trials.items()} == {0.01: "FINISHED", 0.02: "FAILED", 0.03: "FINISHED"}
     assert reason in trials[0.02].data.tags["mnistlab.error"]
@@ -143,7 +137,7 @@ def test_a_stack_stopped_in_its_fit_records_each_trial_killed(tmp_path, processe
         proc.send_signal(signum)  # scancel / kill: the sweep's process only
     err = proc.stdout.read()
     assert proc.wait(timeout=120) == code, err[-3000:]
-    runs = _runs(tmp_path / "mlruns")
+    runs = store_runs(tmp_path / "mlruns")[1]
     trials = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert sorted(float(r.data.params["lr"]) for r in trials) == [0.01, 0.02], [(r.info.status, r.data.tags.get("mnistlab.error"), r.data.tags.get("mnistlab.pid")) for r in trials]
     assert all(r.info.status == "KILLED" and "in its stack's fit" in r.data.tags["mnistlab.error"] for r in trials)
@@ -188,7 +182,7 @@ def test_a_killed_stack_process_fails_its_trials_and_the_sweep_goes_on(tmp_path,
     assert proc.returncode == 1, err[-3000:]
     assert "launcher=stacked: 4 trials in 2 stack(s) of [2, 2], 0 on their own" in out + err
     assert "2 of 4 trials were stopped or died before they ended" in err and "SIGKILL" in err, err[-3000:]
-    runs = _runs(tmp_path / "mlruns")
+    runs = store_runs(tmp_path / "mlruns")[1]
     trials = {(float(r.data.params["lr"]), int(r.data.params["max_epochs"])): r for r in runs
               if "mlflow.parentRunId" in r.data.tags}
     assert {k: r.info.status for k, r in trials.items()} == {
@@ -201,6 +195,41 @@ def test_a_killed_stack_process_fails_its_trials_and_the_sweep_goes_on(tmp_path,
         assert "config.yaml" in {a.path for a in client.list_artifacts(trials[key].info.run_id)}
     assert not [r for r in runs if r.info.status == "RUNNING"]
     assert sorted(r["status"] for r in read_csv(tmp_path / "reports" / "sweep.csv")) == ["FAILED", "FAILED", "FINISHED", "FINISHED"]
+
+
+@pytest.mark.slow
+def test_a_killed_forkserver_loses_no_trial_and_no_report(tmp_path, processed_dir):
+    """`kill -9` of the joblib launcher's forkserver (the process that forks each trial) while the first two trials
+    train: under load it once left 2 of 4 trials unrecorded and no sweep.csv (issue 23). The running trials finish,
+    the later ones start from a new forkserver, and the report holds all four."""
+    import psutil
+
+    sweep = tmp_path / "multirun"
+    proc = _start(_sweep_args(tmp_path, processed_dir) + [
+        "launcher=joblib", "hydra.launcher.n_jobs=2", "optimizer=sgd", "optimizer.lr=0.01,0.02,0.03,0.04",
+        "trainer.max_epochs=6", f"hydra.sweep.dir={sweep}"], cwd=PROJECT_ROOT)
+
+    def forkserver() -> psutil.Process | None:
+        for child in psutil.Process(proc.pid).children():
+            try:
+                if any("forkserver" in part for part in child.cmdline()):
+                    return child
+            except psutil.NoSuchProcess:
+                pass
+        return None
+
+    deadline = time.monotonic() + 300
+    while (forkserver() is None or len(psutil.Process(proc.pid).children(recursive=True)) < 3) and \
+            proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)  # until the forkserver has forked the first trials
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    forkserver().send_signal(signal.SIGKILL)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    trials = [r for r in store_runs(tmp_path / "mlruns")[1] if "mlflow.parentRunId" in r.data.tags]
+    assert sorted((float(r.data.params["lr"]), r.info.status) for r in trials) == [
+        (lr, "FINISHED") for lr in (0.01, 0.02, 0.03, 0.04)]
+    assert sorted(r["status"] for r in read_csv(tmp_path / "reports" / "sweep.csv")) == ["FINISHED"] * 4
 
 
 # --- 4. parallel launchers never start more trials than the machine holds -----------------------------------------
@@ -225,9 +254,9 @@ def test_submitit_local_runs_no_more_trials_at_once_than_memory_allows(tmp_path,
         f"hydra.sweep.dir={tmp_path / 'multirun'}", "hydra.launcher.mem_per_trial_gb=1000000", "num_threads=null"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "running 1 trials at a time, not 3" in proc.stdout
-    spans = sorted((r.info.start_time, r.info.end_time) for r in _runs(tmp_path / "mlruns") if "mlflow.parentRunId" in r.data.tags)
+    spans = sorted((r.info.start_time, r.info.end_time) for r in store_runs(tmp_path / "mlruns")[1] if "mlflow.parentRunId" in r.data.tags)
     assert len(spans) == 3 and all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), f"trials overlapped: {spans}"
-    assert {r.data.tags["mnistlab.torch_threads"] for r in _runs(tmp_path / "mlruns") if "mnistlab.trial" in r.data.tags} == {
+    assert {r.data.tags["mnistlab.torch_threads"] for r in store_runs(tmp_path / "mlruns")[1] if "mnistlab.trial" in r.data.tags} == {
         str(len(os.sched_getaffinity(0)))}, "one trial at a time gets every core"
 
 
@@ -246,7 +275,7 @@ def test_sigterm_to_a_joblib_sweep_stops_its_trials_killed_and_exits_143(tmp_pat
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 143, err[-3000:]
-    runs = _runs(tmp_path / "mlruns")
+    runs = store_runs(tmp_path / "mlruns")[1]
     # the parent, the trial that was training and (unless SIGTERM came before it opened its run) the other one
     assert len(runs) >= 2 and {r.info.status for r in runs} == {"KILLED"}, [(r.info.run_name, r.info.status) for r in runs]
 
@@ -264,7 +293,7 @@ def test_two_sweeps_started_together_get_their_own_dirs_and_parents(tmp_path, pr
         assert p.returncode == 0, err[-3000:]
     sweep_dirs = sorted((tmp_path / "logs" / "multiruns").iterdir())
     assert len(sweep_dirs) == 2, sweep_dirs
-    runs = _runs(tmp_path / "mlruns")
+    runs = store_runs(tmp_path / "mlruns")[1]
     parents = {r.info.run_id: r for r in runs if r.data.tags.get("mnistlab.sweep") == "true"}
     assert {p.data.tags["mnistlab.sweep_dir"] for p in parents.values()} == {str(d.resolve()) for d in sweep_dirs}
     for pid, parent in parents.items():
@@ -334,7 +363,7 @@ def test_split_overrides_that_preprocess_fixed_are_refused(tmp_path, processed_d
     err = proc.stderr
     assert err.startswith("error:") and "data.val_size=50" in err and "data.split_seed=7" in err
     assert "was split with data.val_size=100" in err and "dvc repro preprocess" in err and "Traceback" not in err
-    assert _runs(tmp_path / "mlruns") == [] and not (tmp_path / "out").exists(), "nothing may start"
+    assert store_runs(tmp_path / "mlruns")[1] == [] and not (tmp_path / "out").exists(), "nothing may start"
 
 
 # --- 7. inputs validated before data loads or a run opens --------------------------------------------------------
@@ -362,7 +391,7 @@ def test_bad_input_fails_at_once_with_one_paragraph(tmp_path, processed_dir, cas
     assert "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) <= 3
     assert not (tmp_path / "out").exists(), "nothing may start"
     if case != "corrupt db":
-        assert _runs(tmp_path / "mlruns") == []
+        assert store_runs(tmp_path / "mlruns")[1] == []
 
 
 # --- 5. a bad MNIST source leaves the good data/processed in place ----------------------------------------------

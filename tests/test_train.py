@@ -73,6 +73,18 @@ def test_resume_after_interrupt_continues_from_the_saved_epoch(tmp_path, process
     assert resumed["test/loss"] == pytest.approx(straight["test/loss"], rel=1e-6)
 
 
+def test_last_ckpt_is_the_last_epoch_even_when_it_is_not_the_best(tmp_path, processed_dir):
+    """Lightning >= 2.6 writes last.ckpt only when the best improves: at batch 4 this data's val/acc peaks in epoch 1,
+    so last.ckpt stayed epoch 1's, a resume (a SLURM requeue) trained epochs 2-4 again and test_ckpt=last tested the
+    best weights. last.ckpt now holds the final weights."""
+    metrics = train(compose(fast_overrides(tmp_path, processed_dir, epochs=4) + [
+        "logger=none", "data.batch_size=4", "test_ckpt=last"]))
+    ckpts = tmp_path / "out" / "checkpoints"
+    last, best = (torch.load(ckpts / f"{n}.ckpt", weights_only=True) for n in ("last", "best"))
+    assert last["epoch"] == 3 and best["epoch"] < 3, (last["epoch"], best["epoch"])  # the case this test is for
+    assert metrics["test/acc"] == pytest.approx(checkpoint_test_acc(ckpts / "last.ckpt", processed_dir), abs=1e-6)
+
+
 @pytest.mark.parametrize("first, then", [("trainer.gradient_clip_val=1.0", "trainer.gradient_clip_val=null"),
                                          ("trainer.gradient_clip_val=null", "trainer.gradient_clip_val=1.0")],
                          ids=["automatic-then-manual", "manual-then-automatic"])

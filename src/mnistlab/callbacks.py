@@ -28,9 +28,30 @@ def clean_float(v) -> float:
 
 
 class ModelCheckpoint(pl.callbacks.ModelCheckpoint):
-    """Lightning's, but a run resumed into another checkpoint dir keeps the best it resumes from: Lightning drops
-    best_model_score there, so the first resumed epoch replaced best.ckpt however it scored. The resumed-from best
-    file is copied in (verified, atomically) and keeps its score; the old run's files are never touched."""
+    """Lightning's, with two fixes. last.ckpt holds the last validated epoch: Lightning >= 2.6 writes it only when a
+    top-k checkpoint was saved at the same step, so it stayed the best epoch's, a SLURM requeue resumed from there
+    (training those epochs again) and test_ckpt=last tested the best weights. And a run resumed into another
+    checkpoint dir keeps the best it resumes from: Lightning drops best_model_score there, so the first resumed epoch
+    replaced best.ckpt however it scored; the old best file is copied in (verified, atomically), its files untouched."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._top_k_at_epoch_start: dict = {}
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        super().on_train_epoch_start(trainer, pl_module)
+        self._top_k_at_epoch_start = dict(self.best_k_models)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        """After Lightning's own saves of this epoch (its checkpoint point with one validation per epoch): when they
+        left last.ckpt behind, write it, from the same loop state Lightning saves from."""
+        super().on_train_epoch_end(trainer, pl_module)
+        saved = self.best_k_models != self._top_k_at_epoch_start  # Lightning wrote last.ckpt too
+        if (not self.save_last or saved or self.monitor is None or self.dirpath is None
+                or trainer.sanity_checking or trainer.fast_dev_run):
+            return
+        self.last_model_path = str(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
+        trainer.save_checkpoint(self.last_model_path, self.save_weights_only)
 
     def load_state_dict(self, state_dict: dict) -> None:
         old = Path(state_dict.get("best_model_path") or "")

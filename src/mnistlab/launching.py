@@ -183,9 +183,18 @@ class ContainedTrials:
     def _supervise(self, index: int, job: Callable, args: tuple, on_death):
         import cloudpickle
 
-        receiver, sender = self.ctx.Pipe(duplex=False)
-        proc = self.ctx.Process(target=_child, args=(cloudpickle.dumps((job, args)), sender, self.n), daemon=False)
-        proc.start()
+        payload = cloudpickle.dumps((job, args))
+        for attempt in range(3):
+            receiver, sender = self.ctx.Pipe(duplex=False)
+            proc = self.ctx.Process(target=_child, args=(payload, sender, self.n), daemon=False)
+            try:
+                proc.start()
+                break
+            except (OSError, EOFError) as e:  # the forkserver died (kill -9) as it forked: the next start makes anew
+                receiver.close()
+                sender.close()
+                if attempt == 2:
+                    return on_death(index, None, f"trial process could not be started ({type(e).__name__}: {e})")
         sender.close()
         with self.lock:
             self.live[index] = proc

@@ -353,14 +353,21 @@ def _epochs_to_target(config: dict) -> list[int | None]:
     return out
 
 
+def _lr_scale(configs: list[dict]) -> float:
+    """1 / (1 - β) for momentum configs (heavy-ball momentum's effective step is lr / (1 - β)); 1 for the others."""
+    beta = next((t["momentum"] for c in configs if c["optimizer"] == "momentum" for t in c["trials"] if t["momentum"]),
+                None)
+    return 1 / (1 - beta) if beta and beta < 1 else 1.0
+
+
 def _effective_lr_pairs(configs: list[dict]) -> list[tuple[dict, dict]]:
     """(momentum config at lr, SGD config at lr / (1 - momentum)) with the same batch size, where both were run."""
     sgd = {(c["batch_size"], round(math.log10(c["lr"]), 6)): c for c in configs if c["optimizer"] == "sgd" and c["lr"]}
     out = []
     for c in configs:
-        beta = next((t["momentum"] for t in c["trials"] if t["momentum"]), None)
-        if c["optimizer"] == "momentum" and c["lr"] and beta and beta < 1:
-            match = sgd.get((c["batch_size"], round(math.log10(c["lr"] / (1 - beta)), 6)))
+        scale = _lr_scale([c])
+        if c["optimizer"] == "momentum" and c["lr"] and scale != 1.0:
+            match = sgd.get((c["batch_size"], round(math.log10(c["lr"] * scale), 6)))
             if match is not None:
                 out.append((c, match))
     return out
@@ -550,8 +557,7 @@ def sweep_figure(summary: dict):
         for bs in sorted({c["batch_size"] for c in configs if c["optimizer"] == opt}):
             cs = sorted((c for c in configs if c["optimizer"] == opt and c["batch_size"] == bs and c["lr"]),
                         key=lambda c: c["lr"])
-            beta = next((t["momentum"] for c in cs for t in c["trials"] if t["momentum"]), None)
-            scale = 1 / (1 - beta) if opt == "momentum" and beta and beta < 1 else 1.0
+            scale = _lr_scale(cs)
             ok = [c for c in cs if c["finished"] and not c["collapsed"] and not c["failed"]]
             color = colors.get(bs)
             if ok:
@@ -569,9 +575,7 @@ def sweep_figure(summary: dict):
                 ax.plot([c["lr"] * scale for c in below], [low + 0.002] * len(below), "v", color=color, ms=7)
         c = summary["chosen"].get(opt)
         if c:
-            beta = next((t["momentum"] for t in c["trials"] if t["momentum"]), None)
-            scale = 1 / (1 - beta) if opt == "momentum" and beta and beta < 1 else 1.0
-            ax.plot([c["lr"] * scale], [min(max(c["val_mean"], low), high)], "*", color="gold", ms=16, mec="black",
+            ax.plot([c["lr"] * _lr_scale([c])], [min(max(c["val_mean"], low), high)], "*", color="gold", ms=16, mec="black",
                     zorder=5)
         ax.set_xscale("log")
         ax.set_ylim(low, high)

@@ -81,7 +81,7 @@ class Study:
     """The study run and its stages: one subprocess multirun per stage group, run in order."""
 
     def __init__(self, study: dict, extra: list[str]):
-        self.study, self.extra = study, extra
+        self.study = study
         sweep_dirs = [t.split("=", 1)[1] for t in extra if t.startswith("hydra.sweep.dir=")]
         self.sweep_dir = sweep_dirs[-1] if sweep_dirs else None
         self.passed = [t for t in extra if not t.startswith("hydra.sweep.dir=")]
