@@ -23,7 +23,7 @@ SIGNAL_AT_EPOCH = ["+callbacks.interrupt._target_=test_train.SigintAtEpoch", "+c
 
 class StallAtEpoch(pl.Callback):
     """In the trial with learning rate `lr`: write this process's pid into `marker_dir` at epoch 1, then wait to be
-    killed (the test plays the OOM killer)."""
+    killed (the test plays the OOM killer) or sent SIGTERM."""
 
     def __init__(self, lr: float, marker_dir: str, seconds: float = 600):
         self.lr, self.marker_dir, self.seconds = lr, Path(marker_dir), seconds
@@ -32,7 +32,9 @@ class StallAtEpoch(pl.Callback):
         if trainer.current_epoch == 1 and pl_module.hparams["optimizer"]["lr"] == self.lr:
             self.marker_dir.mkdir(parents=True, exist_ok=True)
             (self.marker_dir / str(os.getpid())).write_text("")
-            time.sleep(self.seconds)
+            deadline = time.monotonic() + self.seconds
+            while time.monotonic() < deadline and not trainer.received_sigterm:  # Lightning stops at the next batch
+                time.sleep(0.1)
 
 
 def _env(**extra):
@@ -109,6 +111,41 @@ def test_a_killed_trial_process_is_failed_and_the_sweep_goes_on(tmp_path, proces
     assert reason in trials[0.02].data.tags["mnistlab.error"]
     assert not [r for r in runs if r.info.status == "RUNNING"]
     assert sorted(r["status"] for r in read_csv(tmp_path / "reports" / "sweep.csv")) == ["FAILED", "FINISHED", "FINISHED"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("logger", ["mlflow", "none"])
+def test_sigterm_to_one_trial_alone_ends_it_killed_the_others_finish_and_the_sweep_exits_1(tmp_path, processed_dir,
+                                                                                          logger):
+    """README: a trial stopped by a signal to it alone (scancel of one job, kill) ends KILLED, the other trials
+    finish, and the sweep exits 1 naming the stopped trial; the verdict comes from the trial's status file, so it
+    holds with logger=none too."""
+    marker = tmp_path / "stalled"
+    proc = _start(_sweep_args(tmp_path, processed_dir) + [
+        "launcher=joblib", "hydra.launcher.n_jobs=2", "optimizer=sgd", "optimizer.lr=0.01,0.02,0.03",
+        "trainer.max_epochs=3", f"logger={logger}", f"hydra.sweep.dir={tmp_path / 'multirun'}",
+        "+callbacks.stall._target_=test_faults.StallAtEpoch", "+callbacks.stall.lr=0.02",
+        f"+callbacks.stall.marker_dir={marker}",
+    ], cwd=PROJECT_ROOT)
+    deadline = time.monotonic() + 600
+    while not (marker.is_dir() and any(marker.iterdir())) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    (victim,) = [int(p.name) for p in marker.iterdir()]
+    os.kill(victim, signal.SIGTERM)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 1, err[-3000:]
+    assert "error: 1 of 3 trials were stopped or died before they ended: " in err
+    stopped = [line for line in err.splitlines() if "were stopped or died" in line][0]
+    assert f"{tmp_path / 'multirun' / '1'}: KILLED" in stopped, stopped  # the trial with lr 0.02, by its dir
+    statuses = {d.name: json.loads((d / ".mnistlab_trial.json").read_text())["status"]
+                for d in (tmp_path / "multirun").iterdir() if (d / ".mnistlab_trial.json").is_file()}
+    assert statuses == {"0": "FINISHED", "1": "KILLED", "2": "FINISHED"}
+    if logger == "mlflow":
+        trials = {float(r.data.params["lr"]): r.info.status for r in store_runs(tmp_path / "mlruns")[1]
+                  if "mlflow.parentRunId" in r.data.tags}
+        assert trials == {0.01: "FINISHED", 0.02: "KILLED", 0.03: "FINISHED"}
+    else:
+        assert not (tmp_path / "mlruns" / "mlflow.db").exists()
 
 
 @pytest.mark.slow

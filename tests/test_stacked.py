@@ -138,13 +138,14 @@ def test_stacked_trials_equal_their_one_by_one_runs(tmp_path, processed_dir):
             assert [v for _, v in mine] == pytest.approx([v for _, v in want], rel=LOSS_RTOL), (key, k)
         assert {a.path for a in sc.list_artifacts(run.info.run_id)} == {a.path for a in bc.list_artifacts(ref.info.run_id)}
         assert [a.path for a in sc.list_artifacts(run.info.run_id, "checkpoints")] == ["checkpoints/best.ckpt"]
-    for trial in (tmp_path / "stacked" / "multirun").iterdir():
-        if trial.is_dir() and trial.name.isdigit():
-            assert {".hydra", "checkpoints", "metrics.json", "curves.csv", ".mnistlab_trial.json"} <= {p.name for p in trial.iterdir()}
-            assert {p.name for p in (trial / ".hydra").iterdir()} == {"config.yaml", "hydra.yaml", "overrides.yaml"}
-            assert json.loads((trial / ".mnistlab_trial.json").read_text())["status"] == "FINISHED"
-            assert {p.name for p in (trial / "checkpoints").iterdir()} == {"best.ckpt", "last.ckpt"}
-            assert not (trial / ".mnistlab_stacked.pt").exists()
+    trials = [t for t in (tmp_path / "stacked" / "multirun").iterdir() if t.is_dir() and t.name.isdigit()]
+    assert len(trials) == len(ours)
+    for trial in trials:
+        assert {".hydra", "checkpoints", "metrics.json", "curves.csv", ".mnistlab_trial.json"} <= {p.name for p in trial.iterdir()}
+        assert {p.name for p in (trial / ".hydra").iterdir()} == {"config.yaml", "hydra.yaml", "overrides.yaml"}
+        assert json.loads((trial / ".mnistlab_trial.json").read_text())["status"] == "FINISHED"
+        assert {p.name for p in (trial / "checkpoints").iterdir()} == {"best.ckpt", "last.ckpt"}
+        assert not (trial / ".mnistlab_stacked.pt").exists()
 
 
 @pytest.mark.slow
@@ -199,6 +200,13 @@ def test_a_rerun_stacks_only_the_trials_it_must_train(tmp_path, processed_dir):
     reused = {(c.data.params["optimizer"], float(c.data.params["lr"])) for c in kids if REUSED_TAG in c.data.tags}
     assert reused == {("sgd", 0.01), ("rmsprop", 0.01)}
     assert all(c.info.status == "FINISHED" for c in kids)
+    by_id = {c.info.run_id: c for c in children}
+    for c in kids:  # a reused run carries its original's params and results (README)
+        if REUSED_TAG in c.data.tags:
+            original = by_id[c.data.tags[REUSED_TAG]]
+            assert c.data.params == original.data.params
+            assert c.data.metrics["test/acc"] == original.data.metrics["test/acc"]
+    assert "sweep: 4/4 trials done (4 finished, 0 failed), 0 running" in out  # the progress line, stacked too
 
 
 @pytest.mark.slow

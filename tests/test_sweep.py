@@ -94,6 +94,7 @@ def test_failed_trial_is_failed_on_every_launcher_and_the_others_finish(tmp_path
     assert failed.info.status == "FAILED" and finished.info.status == "FINISHED"
     assert "NonFiniteLossError" in failed.data.tags["mnistlab.error"]
     assert float(rows[0.1]["test/acc"]) == pytest.approx(finished.data.metrics["test/acc"], abs=1e-9)
+    assert "sweep: 2/2 trials done (1 finished, 1 failed), 0 running" in proc.stdout + proc.stderr  # on every launcher
     assert failed.data.tags["mlflow.note.content"].startswith("**FAILED**: NonFiniteLossError")
     assert finished.data.tags["mnistlab.torch_threads"] == str(THREADS[launcher]())
 
@@ -137,3 +138,20 @@ def test_report_cli_picks_the_latest_of_two_sweeps(tmp_path, processed_dir):
     chosen = report("--parent", parent_of["older"])
     assert reported_trials() == {c.info.run_id: "sgd" for c in children_of["older"]}
     assert chosen["trials"] == 1 and set(chosen["chosen_on_val"]) == {"sgd"}
+
+
+@pytest.mark.slow
+def test_a_rerun_reuses_finished_trials_and_retries_failed_ones(tmp_path, processed_dir):
+    """README: with reuse_finished=true a re-run trains only what is missing, and FAILED/KILLED trials are retried
+    (they are not results to reuse); a reused trial's run is tagged with the run it reuses."""
+    grid = ["optimizer=sgd", "optimizer.lr=1e30,0.1", "reuse_finished=true"]
+    first = multirun(tmp_path, processed_dir, grid, LAUNCHERS["basic"])
+    second = multirun(tmp_path, processed_dir, grid, LAUNCHERS["basic"], sweep_dir="multirun2")
+    assert first.returncode == second.returncode == 0, second.stderr[-3000:]
+    _, parents, children = sweep_store(tmp_path)
+    latest = max(parents, key=lambda r: r.info.start_time).info.run_id
+    before = {c.data.params["lr"]: c for c in children if c.data.tags["mlflow.parentRunId"] != latest}
+    after = {c.data.params["lr"]: c for c in children if c.data.tags["mlflow.parentRunId"] == latest}
+    assert after["0.1"].data.tags.get("mnistlab.reused_from") == before["0.1"].info.run_id
+    assert "mnistlab.reused_from" not in after["1e+30"].data.tags, "a FAILED trial is trained again, not reused"
+    assert after["1e+30"].info.status == "FAILED" and "NonFiniteLossError" in after["1e+30"].data.tags["mnistlab.error"]
