@@ -86,23 +86,29 @@ def test_sigterm_stops_a_sweep_with_143_and_nothing_left_running(tmp_path, proce
 
 # --- 3. a trial whose process dies is FAILED and the sweep goes on, on every parallel launcher ---------------------
 
-@pytest.mark.slow
-@pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
-def test_a_killed_trial_process_is_failed_and_the_sweep_goes_on(tmp_path, processed_dir, launcher):
-    """`kill -9` of a trial process (as the OOM killer would) ended a joblib sweep with TerminatedWorkerError."""
+def _signal_the_stalled_trial(tmp_path: Path, processed_dir: Path, signum: int, launcher: list[str]) -> str:
+    """A 3-trial sweep (sgd lr 0.01, 0.02, 0.03) whose lr-0.02 trial stalls at epoch 1 and gets `signum`: the sweep
+    must exit 1 (its report written, but an incomplete sweep is no success); its stderr."""
     marker = tmp_path / "stalled"
-    proc = _start(_sweep_args(tmp_path, processed_dir) + [
-        f"launcher={launcher}", "optimizer=sgd", "optimizer.lr=0.01,0.02,0.03", "trainer.max_epochs=3",
-        f"hydra.sweep.dir={tmp_path / 'multirun'}",
-        "+callbacks.stall._target_=test_faults.StallAtEpoch", "+callbacks.stall.lr=0.02", f"+callbacks.stall.marker_dir={marker}",
-    ], cwd=PROJECT_ROOT)
+    proc = _start(_sweep_args(tmp_path, processed_dir) + [*launcher, "optimizer=sgd", "optimizer.lr=0.01,0.02,0.03",
+        "trainer.max_epochs=3", f"hydra.sweep.dir={tmp_path / 'multirun'}",
+        "+callbacks.stall._target_=test_faults.StallAtEpoch", "+callbacks.stall.lr=0.02",
+        f"+callbacks.stall.marker_dir={marker}"], cwd=PROJECT_ROOT)
     deadline = time.monotonic() + 600
     while not (marker.is_dir() and any(marker.iterdir())) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.5)
     (victim,) = [int(p.name) for p in marker.iterdir()]
-    os.kill(victim, signal.SIGKILL)
+    os.kill(victim, signum)
     _, err = proc.communicate(timeout=600)
-    assert proc.returncode == 1, err[-3000:]  # the report is written, but an incomplete sweep is not a success
+    assert proc.returncode == 1, err[-3000:]
+    return err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
+def test_a_killed_trial_process_is_failed_and_the_sweep_goes_on(tmp_path, processed_dir, launcher):
+    """`kill -9` of a trial process (as the OOM killer would) ended a joblib sweep with TerminatedWorkerError."""
+    err = _signal_the_stalled_trial(tmp_path, processed_dir, signal.SIGKILL, [f"launcher={launcher}"])
     reason = "SIGKILL" if launcher == "joblib" else "died without a result"  # submitit does not pass the signal on
     assert "1 of 3 trials were stopped or died before they ended" in err and reason in err
     runs = store_runs(tmp_path / "mlruns")[1]
@@ -120,20 +126,8 @@ def test_sigterm_to_one_trial_alone_ends_it_killed_the_others_finish_and_the_swe
     """README: a trial stopped by a signal to it alone (scancel of one job, kill) ends KILLED, the other trials
     finish, and the sweep exits 1 naming the stopped trial; the verdict comes from the trial's status file, so it
     holds with logger=none too."""
-    marker = tmp_path / "stalled"
-    proc = _start(_sweep_args(tmp_path, processed_dir) + [
-        "launcher=joblib", "hydra.launcher.n_jobs=2", "optimizer=sgd", "optimizer.lr=0.01,0.02,0.03",
-        "trainer.max_epochs=3", f"logger={logger}", f"hydra.sweep.dir={tmp_path / 'multirun'}",
-        "+callbacks.stall._target_=test_faults.StallAtEpoch", "+callbacks.stall.lr=0.02",
-        f"+callbacks.stall.marker_dir={marker}",
-    ], cwd=PROJECT_ROOT)
-    deadline = time.monotonic() + 600
-    while not (marker.is_dir() and any(marker.iterdir())) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.5)
-    (victim,) = [int(p.name) for p in marker.iterdir()]
-    os.kill(victim, signal.SIGTERM)
-    _, err = proc.communicate(timeout=600)
-    assert proc.returncode == 1, err[-3000:]
+    err = _signal_the_stalled_trial(tmp_path, processed_dir, signal.SIGTERM,
+                                    ["launcher=joblib", "hydra.launcher.n_jobs=2", f"logger={logger}"])
     assert "error: 1 of 3 trials were stopped or died before they ended: " in err
     stopped = [line for line in err.splitlines() if "were stopped or died" in line][0]
     assert f"{tmp_path / 'multirun' / '1'}: KILLED" in stopped, stopped  # the trial with lr 0.02, by its dir

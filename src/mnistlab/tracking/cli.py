@@ -12,7 +12,9 @@ import socket
 import psutil
 
 from mnistlab.tracking.status import end_run
-from mnistlab.tracking.store import VENV_URI_ENV, artifact_location, default_tracking_uri, ensure_experiment, project_store
+from mnistlab.tracking.store import (
+    VENV_URI_ENV, artifact_location, default_tracking_uri, ensure_experiment, project_store,
+)
 from mnistlab.tracking.tags import HOST_TAG, PID_TAG, PROC_START_TAG
 from mnistlab.tracking.ui import runs_url, set_experiment_view
 
