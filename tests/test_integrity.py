@@ -167,17 +167,21 @@ class MoveStoreAway(pl.Callback):
             self.db.rename(self.db.with_name("moved.db"))
 
 
+def _train_with(tmp_path, processed_dir, *extra):
+    return subprocess.run(
+        [sys.executable, "-m", "mnistlab.train", *fast_overrides(tmp_path, processed_dir, epochs=3),
+         f"hydra.run.dir={tmp_path / 'hydra'}", *extra],
+        cwd=PROJECT_ROOT, env=cli_env(PYTHONPATH=str(PROJECT_ROOT / "tests")), capture_output=True, text=True,
+        timeout=300)
+
+
 def test_a_store_that_fails_mid_run_loses_no_local_result(tmp_path, processed_dir):
     """Issue 23: mlflow.db moved away during a 3-epoch run gave exit 1, 1,250+ lines with 38 tracebacks, the run
     RUNNING and no checkpoint, metrics.json or curves.csv. Now: training and test finish, every local output is
     written, one paragraph names the store and the fix, exit 3; clean-stale closes the run once the store is back."""
     db = tmp_path / "mlruns" / "mlflow.db"
-    proc = subprocess.run(
-        [sys.executable, "-m", "mnistlab.train", *fast_overrides(tmp_path, processed_dir, epochs=3),
-         f"hydra.run.dir={tmp_path / 'hydra'}", "+callbacks.mover._target_=test_integrity.MoveStoreAway",
-         f"+callbacks.mover.db={db}"],
-        cwd=PROJECT_ROOT, env=cli_env(PYTHONPATH=str(PROJECT_ROOT / "tests")), capture_output=True, text=True,
-        timeout=300)
+    proc = _train_with(tmp_path, processed_dir, "+callbacks.mover._target_=test_integrity.MoveStoreAway",
+                       f"+callbacks.mover.db={db}")
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and proc.stderr.count("error: the MLflow store") == 1, proc.stderr[-3000:]
     assert "make clean-stale" in proc.stderr and "metrics.json" in proc.stderr
@@ -237,14 +241,6 @@ class FillDisk(pl.Callback):
                         f.flush()
                 except OSError:
                     pass
-
-
-def _train_with(tmp_path, processed_dir, *extra):
-    return subprocess.run(
-        [sys.executable, "-m", "mnistlab.train", *fast_overrides(tmp_path, processed_dir, epochs=3),
-         f"hydra.run.dir={tmp_path / 'hydra'}", *extra],
-        cwd=PROJECT_ROOT, env=cli_env(PYTHONPATH=str(PROJECT_ROOT / "tests")), capture_output=True, text=True,
-        timeout=300)
 
 
 def test_a_run_dir_whose_disk_fills_mid_run_fails_in_one_paragraph_with_no_partial_file(tmp_path, processed_dir,

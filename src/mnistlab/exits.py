@@ -15,30 +15,30 @@ EXIT_SIGTERM = 128 + signal.SIGTERM  # 143
 EXIT_NOT_RECORDED = 3  # trained and written locally, but the MLflow store failed during the run
 
 
+def _chain(exc: BaseException | None):
+    """`exc` and its causes/contexts, each once (a chain can loop)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
 def interrupt_exit_code(exc: BaseException | None) -> int | None:
     """130 or 143 when `exc` (or anything in its chain) is an interrupt or a SIGTERM, else None."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, SIGTERMException):
+    for e in _chain(exc):
+        if isinstance(e, SIGTERMException):
             return EXIT_SIGTERM
-        if isinstance(exc, KeyboardInterrupt):
+        if isinstance(e, KeyboardInterrupt):
             return EXIT_SIGINT
-        exc = exc.__cause__ or exc.__context__
     return None
 
 
 def disk_full(exc: BaseException | None) -> OSError | None:
     """The "No space left on device" error in `exc`'s chain (a checkpoint, plot or CSV write), if any."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return exc
-        exc = exc.__cause__ or exc.__context__
-    return None
+    return next((e for e in _chain(exc) if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)), None)
 
 
 def disk_full_message(e: OSError) -> str:
