@@ -2,13 +2,14 @@
 launcher=stacked, in one run of this script on real MNIST, against the trials' bare compute floor.
 
   joblib   launcher=joblib hydra.launcher.n_jobs=2: one process per trial, 2 at a time, 1 torch thread each
-  stacked  launcher=stacked: compatible trials (same batch size: 6 stacks of 6) trained as one stacked model each,
+  stacked  the default launcher of sweep=optimizers (no launcher override): compatible trials (same batch size: 6 stacks of 6) trained as one stacked model each,
            2 stacks at a time in their own processes, 1 torch thread each (hydra.launcher.n_jobs: one per core);
            each trial still its own job dir, MLflow child run, checkpoint and report row
-Both run `python -m mnistlab.train sweep=optimizers ...` as a subprocess into their own temp store and sweep dir,
-with the study's defaults (MLflow, plots, checkpoints and models on).
+Both run `python -m mnistlab.train sweep=optimizers study.seeds=1 ...` as a subprocess into a fresh temp store and
+sweep dir each run, with the study's defaults (MLflow, plots, checkpoints and models on); --repeats runs each launcher
+that many times (the median is quoted).
 
-  floor       each trial's bare forward+backward+step epoch (epoch_speed.py's time_floor: pre-made float batches, denormals
+  floor       each trial's bare forward+backward+step epoch (the median of 3; epoch_speed.py's time_floor: pre-made float batches, denormals
               flushed) at its optimizer and batch size with 1 thread, x epochs, summed over the trials and divided by the
               cores: the wall time of the study's arithmetic at the same total thread count (cores x 1 thread)
   ratio       wall(joblib) / wall(stacked)
@@ -17,6 +18,7 @@ with the study's defaults (MLflow, plots, checkpoints and models on).
               at 1, 4 and 12 members, and what one member adds to the resident memory (12 members vs 1)
 
     .venv/bin/python benchmarks/sweep_speed.py                # full: the 36-trial study twice, ~10 minutes on 2 cores
+    .venv/bin/python benchmarks/sweep_speed.py --launchers stacked --repeats 3   # the default study command, median of 3
     .venv/bin/python benchmarks/sweep_speed.py --seeds 3      # the seed-replicated study (108 trials)
     .venv/bin/python benchmarks/sweep_speed.py --quick        # 3 trials x 5 batches: checks the script, not a benchmark
 
@@ -30,6 +32,7 @@ import json
 import math
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -65,10 +68,11 @@ def run_study(name: str, launcher: list[str], threads: int, data_dir: Path, tmp:
     sweep_dir, mlruns = tmp / name, tmp / f"mlruns_{name}"
     cmd = [sys.executable, "-m", "mnistlab.train", "sweep=optimizers", *launcher, *overrides,
            f"data.processed_dir={data_dir}", f"paths.mlruns_dir={mlruns}", f"paths.sweep_reports_dir={tmp / f'reports_{name}'}",
-           f"hydra.sweep.dir={sweep_dir}", "trainer.enable_progress_bar=false", "callbacks.rich_progress_bar=null"]
+           f"hydra.sweep.dir={sweep_dir}"]
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MNISTLAB_PARENT_RUN_ID", "MNISTLAB_ROOT")}
-    env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HYDRA_FULL_ERROR": "1",
+    env.update({"HYDRA_FULL_ERROR": "1",  # no thread variables: each launcher sets its processes' threads itself
                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"})
+    tmp.mkdir(parents=True, exist_ok=True)
     log_path = tmp / f"{name}.log"
     print(f"[{name}] {' '.join(cmd[1:])}", flush=True)
     t0 = time.perf_counter()
@@ -95,8 +99,9 @@ def measure_floor(data_dir: Path, trials, epochs: int, cores: int, quick: bool) 
     per_epoch = {}
     for opt, bs in sorted({(o, b) for o, _, b in trials}):
         batches = floor_batches(x, y, bs)
-        r = time_floor(batches, opt, 1, 10 if quick else 50, max_batches=10 if quick else None)
-        per_epoch[f"{opt} bs{bs}"] = r["epoch_seconds"][0] / r["batches_per_epoch"] * math.ceil(N_TRAIN / bs)
+        r = time_floor(batches, opt, 1 if quick else 3, 10 if quick else 50, max_batches=10 if quick else None)
+        epoch = statistics.median(r["epoch_seconds"])  # 3 epochs: this VM changes speed for seconds at a time
+        per_epoch[f"{opt} bs{bs}"] = epoch / r["batches_per_epoch"] * math.ceil(N_TRAIN / bs)
         print(f"  floor {opt:<9} bs {bs:<4} 1 thread: {per_epoch[f'{opt} bs{bs}']:.2f} s/epoch", flush=True)
     total = sum(per_epoch[f"{o} bs{b}"] for o, _, b in trials) * epochs
     return {"epoch_seconds": per_epoch, "sum_trial_seconds": total, "wall_seconds": total / cores}
@@ -139,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="3 trials x 5 batches: checks the script runs")
     ap.add_argument("--seeds", type=int, default=1, help="study.seeds (1: the 36-trial study; 3: the 108-trial one)")
     ap.add_argument("--data-dir", type=Path, default=DEFAULT_DATA, help=f"processed splits (default {DEFAULT_DATA})")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of each launcher (median; the issue's figure: 3)")
+    ap.add_argument("--launchers", default="joblib,stacked", help="which launchers to time (default: both)")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (sweep dirs, stores, logs) and print it")
     ap.add_argument("--json", type=Path, default=None, help="where to write the results (default benchmarks/results/)")
     args = ap.parse_args(argv)
@@ -158,33 +165,41 @@ def main(argv: list[str] | None = None) -> int:
     steps = stacked_steps(cores, args.quick)
 
     tmp = Path(tempfile.mkdtemp(prefix="mnistlab-sweep-speed-"))
+    launchers = {"joblib": ["launcher=joblib", "hydra.launcher.n_jobs=2"], "stacked": []}  # stacked: the default
+    chosen = [name for name in args.launchers.split(",") if name]
+    results = []
     try:
-        results = [run_study("joblib", ["launcher=joblib", "hydra.launcher.n_jobs=2"], max(1, cores // 2), data_dir, tmp, overrides),
-                   run_study("stacked", ["launcher=stacked"], max(1, cores // 2), data_dir, tmp, overrides)]
+        for r in range(1 if args.quick else args.repeats):
+            for name in chosen:  # a fresh store and sweep dir each run
+                results.append({**run_study(name, launchers[name], max(1, cores // 2), data_dir, tmp / f"r{r}", overrides),
+                                "repeat": r})
     finally:
         if args.keep:
             print(f"kept: {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    by = {r["launcher"]: r for r in results}
-    ratio = by["joblib"]["wall_seconds"] / by["stacked"]["wall_seconds"]
+    by = {name: statistics.median(r["wall_seconds"] for r in results if r["launcher"] == name) for name in chosen}
+    ratio = by["joblib"] / by["stacked"] if {"joblib", "stacked"} <= set(by) else None
     print()
-    print(f"{'launcher':<9}{'trials':>8}{'finished':>10}{'wall s':>9}{'wall/floor':>12}")
-    for r in results:
-        print(f"{r['launcher']:<9}{r['trials']:>8}{r['finished']:>10}{r['wall_seconds']:>9.1f}"
-              f"{r['wall_seconds'] / floor['wall_seconds']:>12.2f}")
-    print(f"floor    {len(trials):>8}{'':>10}{floor['wall_seconds']:>9.1f}   (sum of the trials' bare 1-thread epochs "
-          f"{floor['sum_trial_seconds']:.1f}s / {cores} cores)")
-    print(f"ratio joblib/stacked: {ratio:.2f}x (target >= 1.4x on the 36-trial study)")
-    print(f"stacks: {'; '.join(by['stacked']['stacks'])}")
+    print(f"{'launcher':<9}{'runs':>5}{'trials':>8}{'finished':>10}{'median wall s':>15}{'wall/floor':>12}")
+    for name in chosen:
+        runs = [r for r in results if r["launcher"] == name]
+        print(f"{name:<9}{len(runs):>5}{runs[0]['trials']:>8}{min(r['finished'] for r in runs):>10}{by[name]:>15.1f}"
+              f"{by[name] / floor['wall_seconds']:>12.2f}")
+    print(f"floor    {'':>5}{len(trials):>8}{'':>10}{floor['wall_seconds']:>15.1f}   (sum of the trials' bare 1-thread "
+          f"epochs {floor['sum_trial_seconds']:.1f}s / {cores} cores)")
+    if ratio:
+        print(f"ratio joblib/stacked: {ratio:.2f}x")
+    print("stacks: " + "; ".join(next((r["stacks"] for r in results if r["launcher"] == "stacked"), [])))
     print("stacked step, batch 128: " + ", ".join(f"{m} members {t:.2f} ms" for m, t in steps["ms_per_step"].items())
           + "; one shared batch: " + ", ".join(f"{t:.2f}" for t in steps["ms_per_step_shared_batch"].values()) + " ms"
           + (f"; one member adds ~{steps['rss_mb_per_member']:.1f} MB resident" if steps["rss_mb_per_member"] else ""))
     if args.quick:
         print("QUICK MODE: 5-batch trials are all overhead; the numbers mean nothing. Run without --quick.")
     payload = {"benchmark": "sweep_speed", "quick": args.quick, "environment": env, "trials": len(trials), "epochs": epochs,
-               "overrides": overrides, "floor": floor, "stacked_steps": steps, "launchers": results, "ratio_joblib_over_stacked": ratio}
+               "overrides": overrides, "floor": floor, "stacked_steps": steps, "launchers": results, "median_wall_seconds": by,
+               "median_over_floor": {k: v / floor["wall_seconds"] for k, v in by.items()}, "ratio_joblib_over_stacked": ratio}
     path = write_json(payload, "sweep_speed_quick.json" if args.quick else "sweep_speed.json", args.json)
     print(f"results: {path}")
     return 0 if all(r["returncode"] == 0 for r in results) else 1

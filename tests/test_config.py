@@ -133,6 +133,25 @@ def test_trainer_config_instantiates_a_lightning_trainer():
     assert trainer.max_epochs == 5 and trainer.strategy.root_device.type == "cpu"
 
 
+@pytest.mark.parametrize("overrides, bar", [
+    ([], True), (["callbacks.rich_progress_bar=null"], False), (["trainer.enable_progress_bar=false"], False),
+])
+def test_the_progress_bar_is_the_configured_one_or_none(tmp_path, overrides, bar):
+    """callbacks.rich_progress_bar=null drops the bar, as the config says: Lightning used to put its own RichProgressBar
+    in (redrawn after every batch). The configured bar redraws at most 10 times a second: at Lightning's 100 the
+    command's epoch took 1.6x the floor instead of 1.3x (benchmarks/command_speed.py)."""
+    from lightning.pytorch.callbacks import Callback, ProgressBar
+
+    from mnistlab.callbacks import RichProgressBar
+    from mnistlab.instantiators import build_trainer
+    from mnistlab.outputs import OutputDirs
+
+    trainer = build_trainer(compose(overrides), None, Callback(), OutputDirs(tmp_path, tmp_path, tmp_path / "c"), None)
+    bars = [cb for cb in trainer.callbacks if isinstance(cb, ProgressBar)]
+    assert [type(b) for b in bars] == ([RichProgressBar] if bar else [])
+    assert all(b.refresh_rate <= 10 for b in bars)
+
+
 @pytest.mark.parametrize("args, named", [
     (["optimizer=adamw"], "optimizer=adamw: conf/optimizer/ has no adamw.yaml; one of ['adam', 'momentum'"),
     (["-m", "optimizer=sgd,adamw"], "optimizer=adamw: conf/optimizer/ has no adamw.yaml"),

@@ -15,7 +15,8 @@ NO_VALIDATION = {"limit_val_batches": 0, "num_sanity_val_steps": 0}
 
 def build_callbacks(callbacks_cfg: DictConfig, checkpoint_dir: Path, progress_bar: bool, validation: bool = True) -> list:
     """Lightning callbacks from cfg.callbacks (a null entry is off): the checkpoint goes to `checkpoint_dir` unless
-    configured, ranks nothing without validation; a progress bar only when `progress_bar`."""
+    configured, ranks nothing without validation; a progress bar only when `progress_bar` (and none when none is
+    configured: Lightning would add its own, which redraws after every batch)."""
     from lightning.pytorch.callbacks import ProgressBar
 
     out = []
@@ -41,10 +42,13 @@ def build_trainer(cfg: DictConfig, run, history, dirs: OutputDirs, hc):
     # one place for "no progress bars in a sweep": its trials share a console (or have none), and the sweep
     # prints trials done / total instead (tracking/progress.py)
     bar = bool(cfg.trainer.enable_progress_bar) and not (hc is not None and str(hc.mode) == "RunMode.MULTIRUN")
+    from lightning.pytorch.callbacks import ProgressBar
+
     from mnistlab.checkpoint_io import AtomicCheckpointIO
 
     validation = cfg.data.validation
     callbacks = [history] + build_callbacks(cfg.callbacks, dirs.checkpoints, bar, validation)
+    bar = bar and any(isinstance(cb, ProgressBar) for cb in callbacks)
     logger = False
     if run is not None:
         callbacks.append(run.callback())
