@@ -38,14 +38,13 @@ def build_callbacks(callbacks_cfg: DictConfig, checkpoint_dir: Path, progress_ba
 def build_trainer(cfg: DictConfig, run, history, dirs: OutputDirs, hc):
     """The Lightning Trainer of cfg.trainer with `history` and the configured callbacks, logging into `run` (if
     any), its default root the trial's output dir."""
-
-    # one place for "no progress bars in a sweep": its trials share a console (or have none), and the sweep
-    # prints trials done / total instead (tracking/progress.py)
-    bar = bool(cfg.trainer.enable_progress_bar) and not (hc is not None and str(hc.mode) == "RunMode.MULTIRUN")
     from lightning.pytorch.callbacks import ProgressBar
 
     from mnistlab.checkpoint_io import AtomicCheckpointIO
 
+    # one place for "no progress bars in a sweep": its trials share a console (or have none), and the sweep
+    # prints trials done / total instead (tracking/progress.py)
+    bar = bool(cfg.trainer.enable_progress_bar) and not (hc is not None and str(hc.mode) == "RunMode.MULTIRUN")
     validation = cfg.data.validation
     callbacks = [history] + build_callbacks(cfg.callbacks, dirs.checkpoints, bar, validation)
     bar = bar and any(isinstance(cb, ProgressBar) for cb in callbacks)
