@@ -84,6 +84,7 @@ reproduce: setup mirror
 
 bench: setup
 	$(BIN)/python benchmarks/epoch_speed.py
+	$(BIN)/python benchmarks/command_speed.py
 	$(BIN)/python benchmarks/sweep_speed.py
 
 # Regenerates params.yaml (the composed conf/ that `dvc repro` reads) after editing conf/.

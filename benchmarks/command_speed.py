@@ -15,7 +15,7 @@ sanity check, has no gap before it). Each command run sits between two floor mea
 machine kept one speed throughout (steady_run); each ratio is the median over the repeats of (command epoch / the
 floor around it).
 
-    .venv/bin/python benchmarks/command_speed.py                 # 3 repeats x 3 variants x 6 epochs: ~3 minutes
+    .venv/bin/python benchmarks/command_speed.py                 # 3 repeats x 3 variants x 6 epochs: 6-15 minutes
     .venv/bin/python benchmarks/command_speed.py --quick         # 1 repeat, 2 epochs: checks the script
 
 Results: a table on stdout and benchmarks/results/command_speed.json (--quick: command_speed_quick.json).

@@ -2,15 +2,16 @@
 launcher=stacked, in one run of this script on real MNIST, against the trials' bare compute floor.
 
   joblib   launcher=joblib hydra.launcher.n_jobs=2: one process per trial, 2 at a time, 1 torch thread each
-  stacked  the default launcher of sweep=optimizers (no launcher override): compatible trials (same batch size: 6 stacks of 6) trained as one stacked model each,
-           2 stacks at a time in their own processes, 1 torch thread each (hydra.launcher.n_jobs: one per core);
+  stacked  the default launcher of sweep=optimizers (no launcher override): compatible trials (same batch size: 6
+           stacks of 6) trained as one stacked model each, 2 stacks at a time in their own processes, 1 torch thread
+           each (hydra.launcher.n_jobs: one per core);
            each trial still its own job dir, MLflow child run, checkpoint and report row
 Both run `python -m mnistlab.train sweep=optimizers study.seeds=1 ...` as a subprocess into a fresh temp store and
 sweep dir each run, with the study's defaults (MLflow, plots, checkpoints and models on); --repeats runs each launcher
 that many times (the median is quoted).
 
-  floor       each trial's bare forward+backward+step epoch (the median of 3; epoch_speed.py's time_floor: pre-made float batches, denormals
-              flushed) at its optimizer and batch size with 1 thread, x epochs, summed over the trials and divided by the
+  floor       each trial's bare forward+backward+step epoch (the median of 3; epoch_speed.py's time_floor: pre-made
+              float batches, denormals flushed) at its optimizer and batch size with 1 thread, x epochs, summed over the trials and divided by the
               cores: the wall time of the study's arithmetic at the same total thread count (cores x 1 thread)
   ratio       wall(joblib) / wall(stacked)
   step time   one stacked forward+backward+update (StackedMLP + StackedOptimizer, rmsprop, batch 128, threads = cores;
@@ -18,7 +19,7 @@ that many times (the median is quoted).
               at 1, 4 and 12 members, and what one member adds to the resident memory (12 members vs 1)
 
     .venv/bin/python benchmarks/sweep_speed.py                # full: the 36-trial study twice, ~10 minutes on 2 cores
-    .venv/bin/python benchmarks/sweep_speed.py --launchers stacked --repeats 3   # the default study command, median of 3
+    .venv/bin/python benchmarks/sweep_speed.py --launchers stacked --repeats 3  # the default study command, median 3
     .venv/bin/python benchmarks/sweep_speed.py --seeds 3      # the seed-replicated study (108 trials)
     .venv/bin/python benchmarks/sweep_speed.py --quick        # 3 trials x 5 batches: checks the script, not a benchmark
 
@@ -149,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (sweep dirs, stores, logs) and print it")
     ap.add_argument("--json", type=Path, default=None, help="where to write the results (default benchmarks/results/)")
     args = ap.parse_args(argv)
+    launchers = {"joblib": ["launcher=joblib", "hydra.launcher.n_jobs=2"], "stacked": []}  # stacked: the default
+    chosen = [name for name in args.launchers.split(",") if name]
+    if not chosen or set(chosen) - set(launchers):
+        ap.error(f"--launchers: a comma-separated subset of {','.join(launchers)}")
 
     data_dir = check_processed(args.data_dir)
     cores = os.cpu_count() or 1
@@ -165,8 +170,6 @@ def main(argv: list[str] | None = None) -> int:
     steps = stacked_steps(cores, args.quick)
 
     tmp = Path(tempfile.mkdtemp(prefix="mnistlab-sweep-speed-"))
-    launchers = {"joblib": ["launcher=joblib", "hydra.launcher.n_jobs=2"], "stacked": []}  # stacked: the default
-    chosen = [name for name in args.launchers.split(",") if name]
     results = []
     try:
         for r in range(1 if args.quick else args.repeats):
