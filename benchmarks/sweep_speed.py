@@ -65,7 +65,7 @@ def study_grid(overrides: list[str]) -> tuple[list[tuple[str, float, int]], int]
     return trials, int(s.max_epochs)
 
 
-def run_study(name: str, launcher: list[str], threads: int, data_dir: Path, tmp: Path, overrides: list[str]) -> dict:
+def run_study(name: str, launcher: list[str], data_dir: Path, tmp: Path, overrides: list[str]) -> dict:
     sweep_dir, mlruns = tmp / name, tmp / f"mlruns_{name}"
     cmd = [sys.executable, "-m", "mnistlab.train", "sweep=optimizers", *launcher, *overrides,
            f"data.processed_dir={data_dir}", f"paths.mlruns_dir={mlruns}", f"paths.sweep_reports_dir={tmp / f'reports_{name}'}",
@@ -85,7 +85,7 @@ def run_study(name: str, launcher: list[str], threads: int, data_dir: Path, tmp:
     statuses = [json.loads(f.read_text())["status"] for f in sweep_dir.glob("*/.mnistlab_trial.json")] if sweep_dir.is_dir() else []
     stacks = [line.split("launcher=stacked: ", 1)[1] for line in log_path.read_text().splitlines() if "launcher=stacked: " in line]
     print(f"[{name}] wall {wall:.1f}s, trials {len(statuses)} ({statuses.count('FINISHED')} finished)", flush=True)
-    return {"launcher": name, "threads": threads, "returncode": proc.returncode, "wall_seconds": wall,
+    return {"launcher": name, "returncode": proc.returncode, "wall_seconds": wall,
             "trials": len(statuses), "finished": statuses.count("FINISHED"), "failed": statuses.count("FAILED"),
             "stacks": stacks, "command": cmd[1:]}
 
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for r in range(1 if args.quick else args.repeats):
             for name in chosen:  # a fresh store and sweep dir each run
-                results.append({**run_study(name, launchers[name], max(1, cores // 2), data_dir, tmp / f"r{r}", overrides),
+                results.append({**run_study(name, launchers[name], data_dir, tmp / f"r{r}", overrides),
                                 "repeat": r})
     finally:
         if args.keep:
